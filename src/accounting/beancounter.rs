@@ -1,0 +1,200 @@
+//! A0: the counters of one resource of one beancounter, and the charging rule.
+//!
+//! Charging is signed add-then-check-then-rollback, as Linux's `mm/page_counter.c` does it:
+//! one `fetch_add` claims the amount, the new value is compared with the bound, and a
+//! refused charge subtracts what it added. Every successful checked charge therefore
+//! observed, in the counter's single modification order, a value within its bound, and
+//! `held` can only be above a bound transiently, by charges that are about to be refused.
+//! A concurrent charge that lands in such a transient may be refused although it alone
+//! would have fitted; it is counted in `failcnt` like any refusal.
+//!
+//! Invariants (checked by [`ResourceCounter::check_invariants`]):
+//! - at rest, `0 <= minheld <= held <= maxheld` within a window;
+//! - `held` never goes below zero: an uncharge of more than is held clamps to zero and
+//!   counts one `warnings`;
+//! - `barrier <= limit <= MAX`.
+
+use super::types::{ResourceStat, Severity, MAX};
+use crate::sync::{const_fn, AtomicI64, AtomicU64, Ordering::Relaxed};
+
+/// A refused charge, seen from one counter.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Refusal {
+    /// `held` just before the refused charge added to it.
+    pub(crate) held: u64,
+    /// The bound the charge was checked against.
+    pub(crate) bound: u64,
+}
+
+/// One resource of one beancounter.
+///
+/// Aligned to a cache line so that two resources, or two beancounters, never share one:
+/// charges of different tenants must not contend.
+#[repr(align(64))]
+pub(crate) struct ResourceCounter {
+    /// What is held now. Signed so add-then-rollback can never wrap.
+    held: AtomicI64,
+    /// Highest `held` since the window was reset.
+    maxheld: AtomicI64,
+    /// Lowest `held` since the window was reset.
+    minheld: AtomicI64,
+    /// Soft bound, `<= limit`.
+    barrier: AtomicI64,
+    /// Hard bound, `<= MAX`.
+    limit: AtomicI64,
+    /// Refused charges.
+    failcnt: AtomicU64,
+    /// Uncharges of more than was held (a caller bug), clamped to zero.
+    warnings: AtomicU64,
+}
+
+impl ResourceCounter {
+    const_fn! {
+        /// A counter holding nothing, with the given bounds. With both bounds 0 it is all
+        /// zero bytes, which lets the registry's table start as fresh zeroed OS pages.
+        pub(crate) fn new(barrier: u64, limit: u64) -> Self {
+            ResourceCounter {
+                held: AtomicI64::new(0),
+                maxheld: AtomicI64::new(0),
+                minheld: AtomicI64::new(0),
+                barrier: AtomicI64::new(barrier as i64),
+                limit: AtomicI64::new(limit as i64),
+                failcnt: AtomicU64::new(0),
+                warnings: AtomicU64::new(0),
+            }
+        }
+    }
+
+    /// Prepares the counter for a new beancounter: nothing held, fresh window and counts.
+    /// Called only while no other thread can reach the counter.
+    pub(crate) fn reset(&self, barrier: u64, limit: u64) {
+        self.held.store(0, Relaxed);
+        self.maxheld.store(0, Relaxed);
+        self.minheld.store(0, Relaxed);
+        self.failcnt.store(0, Relaxed);
+        self.warnings.store(0, Relaxed);
+        self.set_limits(barrier, limit);
+    }
+
+    /// Stores new bounds. The caller validated `barrier <= limit <= MAX`.
+    pub(crate) fn set_limits(&self, barrier: u64, limit: u64) {
+        debug_assert!(barrier <= limit && limit <= MAX);
+        self.barrier.store(barrier as i64, Relaxed);
+        self.limit.store(limit as i64, Relaxed);
+    }
+
+    /// Adds `n` if, after adding, `held` is within the bound of `severity`; otherwise leaves
+    /// `held` as it was and counts the refusal in `failcnt`.
+    ///
+    /// `Force` is bounded only by `MAX`, so that `held` can never overflow.
+    #[inline]
+    pub(crate) fn try_charge(&self, n: u64, severity: Severity) -> Result<(), Refusal> {
+        let bound = match severity {
+            Severity::Barrier => self.barrier.load(Relaxed),
+            Severity::Limit => self.limit.load(Relaxed),
+            Severity::Force => i64::MAX,
+        };
+        if n > MAX {
+            return Err(self.refuse(self.held.load(Relaxed), bound));
+        }
+        let prev = self.held.fetch_add(n as i64, Relaxed);
+        let new = prev.wrapping_add(n as i64);
+        // `new < 0` means the add overflowed `i64`: above every bound.
+        if new > bound || new < 0 {
+            self.sub_clamped(n);
+            return Err(self.refuse(prev, bound));
+        }
+        self.maxheld.fetch_max(new, Relaxed);
+        Ok(())
+    }
+
+    #[cold]
+    fn refuse(&self, held: i64, bound: i64) -> Refusal {
+        self.failcnt.fetch_add(1, Relaxed);
+        Refusal {
+            held: held.max(0) as u64,
+            bound: bound as u64,
+        }
+    }
+
+    /// Takes back a charge this counter accepted, when a higher level refused it. Not a
+    /// change the window records: the charge never completed.
+    pub(crate) fn rollback(&self, n: u64) {
+        self.sub_clamped(n);
+    }
+
+    /// Subtracts `n` from what is held, clamping at zero and counting a warning if the
+    /// caller gave back more than was held.
+    #[inline]
+    pub(crate) fn uncharge(&self, n: u64) {
+        let new = self.sub_clamped(n);
+        self.minheld.fetch_min(new, Relaxed);
+    }
+
+    /// `held = max(held - n, 0)` in one atomic step; returns the new value.
+    #[inline]
+    fn sub_clamped(&self, n: u64) -> i64 {
+        let n = n.min(MAX) as i64;
+        let mut cur = self.held.load(Relaxed);
+        loop {
+            let new = if cur >= n { cur - n } else { 0 };
+            match self.held.compare_exchange_weak(cur, new, Relaxed, Relaxed) {
+                Ok(_) => {
+                    if cur < n {
+                        self.warnings.fetch_add(1, Relaxed);
+                    }
+                    return new;
+                }
+                Err(actual) => cur = actual,
+            }
+        }
+    }
+
+    /// What is held now (never negative).
+    #[inline]
+    pub(crate) fn held(&self) -> u64 {
+        self.held.load(Relaxed).max(0) as u64
+    }
+
+    /// Starts a new window: `maxheld = minheld = held`.
+    pub(crate) fn reset_window(&self) {
+        let held = self.held.load(Relaxed);
+        self.maxheld.store(held, Relaxed);
+        self.minheld.store(held, Relaxed);
+    }
+
+    /// How many uncharges gave back more than was held.
+    pub(crate) fn warnings(&self) -> u64 {
+        self.warnings.load(Relaxed)
+    }
+
+    /// Reads every field. Fields are read one by one, so a stat taken while charges run is
+    /// a consistent value for each field, not a snapshot of all of them at one instant.
+    pub(crate) fn stat(&self) -> ResourceStat {
+        let held = self.held();
+        ResourceStat {
+            held,
+            maxheld: (self.maxheld.load(Relaxed).max(0) as u64).max(held),
+            minheld: (self.minheld.load(Relaxed).max(0) as u64).min(held),
+            barrier: self.barrier.load(Relaxed) as u64,
+            limit: self.limit.load(Relaxed) as u64,
+            failcnt: self.failcnt.load(Relaxed),
+        }
+    }
+
+    /// The counter's invariants, valid when no charge is in flight.
+    pub(crate) fn check_invariants(&self) -> Result<(), &'static str> {
+        let held = self.held.load(Relaxed);
+        let (barrier, limit) = (self.barrier.load(Relaxed), self.limit.load(Relaxed));
+        if held < 0 {
+            return Err("held below zero");
+        }
+        if self.minheld.load(Relaxed) > held || self.maxheld.load(Relaxed) < held {
+            return Err("held outside [minheld, maxheld]");
+        }
+        if barrier < 0 || barrier > limit {
+            return Err("barrier outside [0, limit]");
+        }
+        Ok(())
+    }
+}

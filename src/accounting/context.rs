@@ -1,0 +1,200 @@
+//! A2: the per-thread context: which beancounter this thread charges (*exec*) and which one
+//! threads it spawns start in (*fork*), the scoped guards that switch them, and the
+//! thread-exit hook that gives their references back.
+//!
+//! Glossary: a *tenant* is the host's customer; its *beancounter* is the accounting object;
+//! the *context* is the thread's pair of references to beancounters.
+//!
+//! Ownership: `exec`, `fork`, and every live guard's saved values each own one reference
+//! on their beancounter (the root needs none). A guard swaps references in and out, so the
+//! count stays right whatever order guards are dropped in; an out-of-order drop is still a
+//! bug and panics.
+//!
+//! The context is a `const`-initialised thread-local of `Cell`s with no destructor, so the
+//! allocator can read `exec` on every allocation, at any point of thread teardown, without
+//! registering anything. The destructor lives in a separate thread-local, armed only when the
+//! thread first holds a tenant.
+
+use super::handle::{registry, Beancounter};
+use super::registry::ROOT;
+use super::types::BcId;
+use core::cell::Cell;
+use core::marker::PhantomData;
+
+struct Context {
+    /// Slot index of the beancounter charged now.
+    exec: Cell<u32>,
+    /// Slot index of the beancounter spawned threads start in.
+    fork: Cell<u32>,
+    /// Number of live guards, for detecting out-of-order drops.
+    depth: Cell<u32>,
+}
+
+thread_local! {
+    static CONTEXT: Context = const {
+        Context { exec: Cell::new(ROOT), fork: Cell::new(ROOT), depth: Cell::new(0) }
+    };
+    static EXIT: ExitHook = const { ExitHook };
+}
+
+/// Releases the thread's context references when the thread exits.
+struct ExitHook;
+
+impl Drop for ExitHook {
+    fn drop(&mut self) {
+        let reg = registry();
+        let _ = CONTEXT.try_with(|c| {
+            reg.release(c.exec.replace(ROOT));
+            reg.release(c.fork.replace(ROOT));
+        });
+    }
+}
+
+/// Makes sure the context's references are released at thread exit. During teardown,
+/// after this thread's hook already ran, there is nothing left to arm: a beancounter adopted
+/// from a later thread-local destructor keeps one reference until the process ends.
+fn arm_exit_hook() {
+    let _ = EXIT.try_with(|_| {});
+}
+
+/// Slot index of this thread's exec beancounter; the root during and after teardown.
+#[inline]
+pub(crate) fn exec_index() -> u32 {
+    CONTEXT.try_with(|c| c.exec.get()).unwrap_or(ROOT)
+}
+
+/// This thread's fork beancounter, with a reference.
+pub(crate) fn fork() -> Beancounter {
+    Beancounter::from_borrowed_index(CONTEXT.try_with(|c| c.fork.get()).unwrap_or(ROOT))
+}
+
+/// The beancounter this thread charges now (its exec beancounter).
+///
+/// # Examples
+/// ```
+/// use beancounter::BcId;
+/// assert_eq!(beancounter::current().id(), BcId::ROOT);
+/// let t = beancounter::find_or_create(BcId(21)).unwrap();
+/// let _g = t.enter();
+/// assert_eq!(beancounter::current(), t);
+/// ```
+pub fn current() -> Beancounter {
+    // The context holds a reference on its exec beancounter.
+    Beancounter::from_borrowed_index(exec_index())
+}
+
+/// The id of this thread's exec beancounter.
+pub fn current_id() -> BcId {
+    registry().id_of(exec_index())
+}
+
+/// Restores the beancounters it replaced when dropped. Made by [`Beancounter::enter`] and
+/// [`Beancounter::enter_exec`].
+///
+/// A guard belongs to the thread that made it:
+/// ```compile_fail
+/// let t = beancounter::find_or_create(beancounter::BcId(1)).unwrap();
+/// let g = t.enter();
+/// std::thread::spawn(move || drop(g));
+/// ```
+///
+/// # Panics
+/// Dropping guards in another order than the reverse of their creation panics (unless the
+/// thread is already panicking); the references stay balanced either way.
+#[must_use = "the tenant is left as soon as the guard is dropped"]
+pub struct ExecGuard {
+    prev_exec: u32,
+    /// `None` for an exec-only guard.
+    prev_fork: Option<u32>,
+    depth: u32,
+    _not_send: PhantomData<*const ()>,
+}
+
+impl Drop for ExecGuard {
+    fn drop(&mut self) {
+        let reg = registry();
+        let in_order = CONTEXT
+            .try_with(|c| {
+                let in_order = c.depth.get() == self.depth;
+                c.depth.set(self.depth - 1);
+                reg.release(c.exec.replace(self.prev_exec));
+                if let Some(fork) = self.prev_fork {
+                    reg.release(c.fork.replace(fork));
+                }
+                in_order
+            })
+            .unwrap_or(true);
+        if !in_order && !std::thread::panicking() {
+            panic!("beancounter guards dropped out of order: drop the innermost guard first");
+        }
+    }
+}
+
+impl core::fmt::Debug for ExecGuard {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.debug_struct("ExecGuard")
+            .field("depth", &self.depth)
+            .finish_non_exhaustive()
+    }
+}
+
+fn switch(index: u32, with_fork: bool) -> ExecGuard {
+    let reg = registry();
+    arm_exit_hook();
+    CONTEXT.with(|c| {
+        reg.retain(index);
+        let prev_exec = c.exec.replace(index);
+        let prev_fork = with_fork.then(|| {
+            reg.retain(index);
+            c.fork.replace(index)
+        });
+        let depth = c.depth.get() + 1;
+        c.depth.set(depth);
+        ExecGuard {
+            prev_exec,
+            prev_fork,
+            depth,
+            _not_send: PhantomData,
+        }
+    })
+}
+
+impl Beancounter {
+    /// Makes this the exec and fork beancounter of the current thread until the guard is
+    /// dropped: allocations are charged here, and threads spawned with
+    /// [`thread::spawn`](crate::thread::spawn) start here.
+    ///
+    /// # Examples
+    /// ```
+    /// use beancounter::BcId;
+    /// let t = beancounter::find_or_create(BcId(22)).unwrap();
+    /// {
+    ///     let _g = t.enter();
+    ///     assert_eq!(beancounter::current_id(), BcId(22));
+    /// }
+    /// assert_eq!(beancounter::current_id(), BcId::ROOT);
+    /// ```
+    pub fn enter(&self) -> ExecGuard {
+        switch(self.index(), true)
+    }
+
+    /// Makes this the exec beancounter only: work is charged here, but threads spawned
+    /// meanwhile still start in the current fork beancounter.
+    pub fn enter_exec(&self) -> ExecGuard {
+        switch(self.index(), false)
+    }
+
+    /// Makes this the exec and fork beancounter of the current thread for good (until the
+    /// next `adopt`, or until an enclosing guard is dropped, which restores what it saved).
+    pub fn adopt(&self) {
+        let reg = registry();
+        let index = self.index();
+        arm_exit_hook();
+        CONTEXT.with(|c| {
+            reg.retain(index);
+            reg.retain(index);
+            reg.release(c.exec.replace(index));
+            reg.release(c.fork.replace(index));
+        });
+    }
+}

@@ -1,0 +1,383 @@
+//! A1: the public face of the registry: the global table, [`Beancounter`] handles, RAII
+//! [`Charge`]s, and the free functions that work by id.
+
+use super::registry::{Registry, ROOT};
+use super::types::{BcError, BcId, Limits, Resource, ResourceStat, Severity};
+use core::fmt;
+
+/// The process's beancounter table.
+static REGISTRY: Registry = Registry::new(0);
+
+#[inline]
+pub(crate) fn registry() -> &'static Registry {
+    &REGISTRY
+}
+
+/// A handle to one beancounter. Cloning takes a reference; the beancounter lives while any
+/// handle, thread context, RAII [`Charge`] or charged object refers to it.
+///
+/// # Examples
+/// ```
+/// use beancounter::{BcId, Limits, Resource, Severity};
+/// let tenant = beancounter::find_or_create(BcId(7)).unwrap();
+/// tenant.set_limits(Resource::Threads, Limits::new(4, 4).unwrap()).unwrap();
+/// let c = tenant.charge(Resource::Threads, 3, Severity::Limit).unwrap();
+/// assert_eq!(tenant.stat(Resource::Threads).held, 3);
+/// assert!(tenant.charge(Resource::Threads, 2, Severity::Limit).is_err());
+/// drop(c);
+/// assert_eq!(tenant.stat(Resource::Threads).held, 0);
+/// ```
+pub struct Beancounter {
+    index: u32,
+}
+
+impl Beancounter {
+    /// Wraps a slot index whose reference the caller hands over.
+    pub(crate) fn from_owned_index(index: u32) -> Beancounter {
+        Beancounter { index }
+    }
+
+    /// Takes a new reference on a slot the caller knows to be referenced.
+    pub(crate) fn from_borrowed_index(index: u32) -> Beancounter {
+        registry().retain(index);
+        Beancounter { index }
+    }
+
+    pub(crate) fn index(&self) -> u32 {
+        self.index
+    }
+
+    /// This beancounter's id.
+    pub fn id(&self) -> BcId {
+        registry().id_of(self.index)
+    }
+
+    /// The parent, for a beancounter made with [`new_child`](Self::new_child); `None` for
+    /// top-level beancounters and the root.
+    pub fn parent(&self) -> Option<Beancounter> {
+        // A child holds a reference on its parent, so the parent is live.
+        registry()
+            .parent_of(self.index)
+            .map(Beancounter::from_borrowed_index)
+    }
+
+    /// Finds or creates the beancounter `id` as a child of this one. Every charge to the
+    /// child is also charged to this beancounter and its ancestors, each against its own
+    /// bounds. The root's children are top-level beancounters (the root is the host's
+    /// context, not an ancestor that is charged).
+    ///
+    /// # Errors
+    /// [`BcError::AlreadyExists`] if `id` lives under another parent,
+    /// [`BcError::InvalidId`] for id 0, [`BcError::TooDeep`] past [`MAX_DEPTH`](crate::MAX_DEPTH),
+    /// [`BcError::TableFull`], [`BcError::OutOfMemory`].
+    ///
+    /// # Examples
+    /// ```
+    /// use beancounter::{BcId, Resource, Severity};
+    /// let user = beancounter::find_or_create(BcId(100)).unwrap();
+    /// let query = user.new_child(BcId(101)).unwrap();
+    /// let _c = query.charge(Resource::Threads, 2, Severity::Limit).unwrap();
+    /// assert_eq!(user.stat(Resource::Threads).held, 2);
+    /// assert_eq!(query.parent().unwrap().id(), BcId(100));
+    /// ```
+    pub fn new_child(&self, id: BcId) -> Result<Beancounter, BcError> {
+        registry()
+            .find_or_create(id, Some(self.index))
+            .map(Beancounter::from_owned_index)
+    }
+
+    /// Sets the barrier and limit of one resource.
+    ///
+    /// # Errors
+    /// [`BcError::InvalidLimits`] unless `barrier <= limit <= MAX`;
+    /// [`BcError::UnknownResource`] for an unregistered custom resource.
+    pub fn set_limits(&self, r: Resource, l: Limits) -> Result<(), BcError> {
+        let reg = registry();
+        reg.set_limits(self.index, reg.resource_index(r)?, l)
+    }
+
+    /// Reads one resource. An unregistered custom resource reads as all zeros (use
+    /// [`stat`](crate::stat) to get an error instead).
+    pub fn stat(&self, r: Resource) -> ResourceStat {
+        let reg = registry();
+        match reg.resource_index(r) {
+            Ok(ri) => reg.stat(self.index, ri),
+            Err(_) => ResourceStat::default(),
+        }
+    }
+
+    /// Starts a new observation window on every resource: `maxheld = minheld = held`.
+    pub fn reset_window(&self) {
+        let reg = registry();
+        for ri in 0..super::types::NUM_RESOURCES {
+            reg.counter(self.index, ri).reset_window();
+        }
+    }
+
+    /// How many uncharges of `r` gave back more than was held (a bug in the caller; the
+    /// counter was clamped at zero).
+    pub fn uncharge_warnings(&self, r: Resource) -> u64 {
+        let reg = registry();
+        reg.resource_index(r)
+            .map_or(0, |ri| reg.counter(self.index, ri).warnings())
+    }
+
+    /// Charges `n` units of `r` to this beancounter and its ancestors, checked with
+    /// `severity`. The returned [`Charge`] uncharges them when dropped.
+    ///
+    /// # Errors
+    /// [`BcError::Exceeded`] if a level refused (nothing is left charged; `failcnt` of the
+    /// refusing level grew by one); [`BcError::UnknownResource`] for an unregistered custom
+    /// resource.
+    ///
+    /// # Examples
+    /// ```
+    /// use beancounter::{BcError, BcId, Limits, Resource, Severity};
+    /// let sockets = beancounter::register_resource("sockets").unwrap();
+    /// let t = beancounter::find_or_create(BcId(8)).unwrap();
+    /// t.set_limits(sockets, Limits::new(1, 2).unwrap()).unwrap();
+    /// let a = t.charge(sockets, 1, Severity::Barrier).unwrap();
+    /// // Over the barrier: refused for a graceful request, allowed up to the limit.
+    /// assert!(matches!(t.charge(sockets, 1, Severity::Barrier), Err(BcError::Exceeded(_))));
+    /// let b = t.charge(sockets, 1, Severity::Limit).unwrap();
+    /// assert_eq!(t.stat(sockets).failcnt, 1);
+    /// ```
+    pub fn charge(&self, r: Resource, n: u64, severity: Severity) -> Result<Charge, BcError> {
+        let reg = registry();
+        let ri = reg.resource_index(r)?;
+        reg.charge(self.index, r, ri, n, severity)?;
+        Ok(Charge {
+            bc: self.clone(),
+            resource: r,
+            ri,
+            amount: n,
+        })
+    }
+}
+
+impl Clone for Beancounter {
+    fn clone(&self) -> Self {
+        Beancounter::from_borrowed_index(self.index)
+    }
+}
+
+impl Drop for Beancounter {
+    fn drop(&mut self) {
+        registry().release(self.index);
+    }
+}
+
+impl PartialEq for Beancounter {
+    fn eq(&self, other: &Self) -> bool {
+        self.index == other.index
+    }
+}
+
+impl Eq for Beancounter {}
+
+impl fmt::Debug for Beancounter {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_tuple("Beancounter").field(&self.id()).finish()
+    }
+}
+
+/// An explicit charge, uncharged when dropped. This is how a host counts sockets, files or
+/// connections per tenant (see [`Beancounter::charge`]).
+#[must_use = "dropping a Charge uncharges it at once"]
+pub struct Charge {
+    bc: Beancounter,
+    resource: Resource,
+    ri: usize,
+    amount: u64,
+}
+
+impl Charge {
+    /// The beancounter charged.
+    pub fn beancounter(&self) -> &Beancounter {
+        &self.bc
+    }
+
+    /// The resource charged.
+    pub fn resource(&self) -> Resource {
+        self.resource
+    }
+
+    /// The amount charged.
+    pub fn amount(&self) -> u64 {
+        self.amount
+    }
+}
+
+impl Drop for Charge {
+    fn drop(&mut self) {
+        registry().uncharge(self.bc.index, self.ri, self.amount);
+    }
+}
+
+impl fmt::Debug for Charge {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Charge")
+            .field("id", &self.bc.id())
+            .field("resource", &self.resource)
+            .field("amount", &self.amount)
+            .finish()
+    }
+}
+
+/// Returns the beancounter `id`, creating it with the default limits if it does not exist.
+/// An existing beancounter is returned whatever its parent; new ones are top level.
+///
+/// # Errors
+/// [`BcError::TableFull`] when every slot is in use, [`BcError::OutOfMemory`] if the OS
+/// refuses the table.
+///
+/// # Examples
+/// ```
+/// use beancounter::BcId;
+/// let a = beancounter::find_or_create(BcId(3)).unwrap();
+/// let b = beancounter::find_or_create(BcId(3)).unwrap();
+/// assert_eq!(a, b);
+/// ```
+pub fn find_or_create(id: BcId) -> Result<Beancounter, BcError> {
+    registry()
+        .find_or_create(id, None)
+        .map(Beancounter::from_owned_index)
+}
+
+/// Returns the live beancounter `id`, if any.
+///
+/// # Examples
+/// ```
+/// use beancounter::BcId;
+/// assert!(beancounter::lookup(BcId(999_999)).is_none());
+/// assert_eq!(beancounter::lookup(BcId::ROOT).unwrap().id(), BcId::ROOT);
+/// ```
+pub fn lookup(id: BcId) -> Option<Beancounter> {
+    registry().lookup(id).map(Beancounter::from_owned_index)
+}
+
+/// The root beancounter (id 0): unlimited by default, charged for host work.
+pub fn root() -> Beancounter {
+    Beancounter::from_owned_index(ROOT)
+}
+
+/// Sets the barrier and limit of resource `r` of beancounter `id`.
+///
+/// # Errors
+/// [`BcError::NotFound`] for an unknown id, [`BcError::InvalidLimits`] unless
+/// `barrier <= limit <= MAX`, [`BcError::UnknownResource`] for an unregistered custom one.
+///
+/// # Examples
+/// ```
+/// use beancounter::{BcError, BcId, Limits, Resource};
+/// let _t = beancounter::find_or_create(BcId(11)).unwrap();
+/// beancounter::set_limits(BcId(11), Resource::Memory, Limits::new(1 << 20, 2 << 20).unwrap()).unwrap();
+/// let bad = Limits { barrier: 3, limit: 2 };
+/// assert!(matches!(beancounter::set_limits(BcId(11), Resource::Memory, bad), Err(BcError::InvalidLimits { .. })));
+/// ```
+pub fn set_limits(id: BcId, r: Resource, l: Limits) -> Result<(), BcError> {
+    // Validate everything before touching anything.
+    l.validate()?;
+    let reg = registry();
+    let ri = reg.resource_index(r)?;
+    let bc = lookup(id).ok_or(BcError::NotFound(id))?;
+    reg.set_limits(bc.index, ri, l)
+}
+
+/// Reads resource `r` of beancounter `id`.
+///
+/// # Errors
+/// [`BcError::NotFound`] for an unknown id, [`BcError::UnknownResource`] for an
+/// unregistered custom resource.
+pub fn stat(id: BcId, r: Resource) -> Result<ResourceStat, BcError> {
+    let reg = registry();
+    let ri = reg.resource_index(r)?;
+    let bc = lookup(id).ok_or(BcError::NotFound(id))?;
+    Ok(reg.stat(bc.index, ri))
+}
+
+/// Sets the limits that beancounters created from now on start with (existing ones keep
+/// theirs; the root is not affected).
+///
+/// # Errors
+/// [`BcError::InvalidLimits`], [`BcError::UnknownResource`].
+pub fn set_default_limits(r: Resource, l: Limits) -> Result<(), BcError> {
+    let reg = registry();
+    reg.set_default_limits(reg.resource_index(r)?, l)
+}
+
+/// The limits new beancounters start with.
+///
+/// # Errors
+/// [`BcError::UnknownResource`].
+pub fn default_limits(r: Resource) -> Result<Limits, BcError> {
+    let reg = registry();
+    Ok(reg.default_limits(reg.resource_index(r)?))
+}
+
+/// Names a custom counted resource and returns it; registering a name again returns the
+/// same resource. At most [`MAX_CUSTOM_RESOURCES`](crate::MAX_CUSTOM_RESOURCES).
+///
+/// # Errors
+/// [`BcError::TooManyResources`] when all are taken, [`BcError::InvalidName`] for a name
+/// that is empty, longer than 32 bytes, or not printable ASCII without spaces.
+///
+/// # Examples
+/// ```
+/// let files = beancounter::register_resource("files").unwrap();
+/// assert_eq!(beancounter::register_resource("files").unwrap(), files);
+/// assert_eq!(files.name(), Some("files"));
+/// ```
+pub fn register_resource(name: &'static str) -> Result<Resource, BcError> {
+    registry().register_resource(name)
+}
+
+/// Frees every beancounter that no handle or context refers to any more and whose charges
+/// have all been given back; returns how many.
+///
+/// A beancounter whose last handle is dropped while objects are still charged to it stays
+/// (so a later [`find_or_create`] of its id finds the same counters) until this runs, or
+/// until a creation finds the table full, which runs it too.
+pub fn reap() -> u32 {
+    registry().reap()
+}
+
+/// Slots in the beancounter table, root included: [`DEFAULT_CAPACITY`](crate::DEFAULT_CAPACITY)
+/// unless `BEANCOUNTER_CAPACITY` (read once, when the first tenant is created) says
+/// otherwise; 0 until the first tenant is created.
+pub fn capacity() -> u32 {
+    registry().capacity()
+}
+
+/// Live beancounters besides the root.
+pub fn live_count() -> u32 {
+    registry().live()
+}
+
+/// Checks every registry invariant (live slots ⇔ mapped ids, free list, parent references,
+/// children holding no more than their parent, each counter's own invariants). Meaningful
+/// when no charge is in flight; for tests.
+///
+/// # Errors
+/// A description of the first invariant found broken.
+pub fn check_invariants() -> Result<(), &'static str> {
+    registry().check_invariants()
+}
+
+impl Resource {
+    /// The name: `memory`, `allocations`, `threads`, or a registered custom name (`None`
+    /// for an unregistered custom resource).
+    pub fn name(self) -> Option<&'static str> {
+        registry().resource_name(self)
+    }
+}
+
+impl fmt::Display for Resource {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match (self.name(), self) {
+            (Some(name), _) => f.write_str(name),
+            (None, Resource::Custom(n)) => write!(f, "custom{n}"),
+            (None, other) => write!(f, "{other:?}"),
+        }
+    }
+}

@@ -1,0 +1,16 @@
+//! The accounting stack, A0 to A2 (A3, per-thread stocks, comes with fast charging).
+//!
+//! Loom compiles this module from `loom-tests/` with `cfg(beancounter_loom)`: the layers
+//! that need the process-wide registry or std threads are left out there, the protocols
+//! they build on are what the models explore.
+
+pub(crate) mod beancounter;
+pub(crate) mod registry;
+pub(crate) mod types;
+
+#[cfg(not(beancounter_loom))]
+pub(crate) mod context;
+#[cfg(not(beancounter_loom))]
+pub(crate) mod handle;
+#[cfg(not(beancounter_loom))]
+pub(crate) mod spawn;
