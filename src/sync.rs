@@ -119,6 +119,11 @@ mod mutex {
             // the model.
             self.0.lock().unwrap()
         }
+
+        pub(crate) fn get_mut(&mut self) -> &mut T {
+            // As in `lock`: poisoned only if the model already failed.
+            self.0.get_mut().unwrap()
+        }
     }
 }
 

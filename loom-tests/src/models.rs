@@ -1,1 +1,258 @@
+//! The models. Each builds a small registry inside the model, runs two or three threads
+//! against it, and checks the invariants of `DESIGN.md` §6 in every explored interleaving.
+//!
+//! Bounded as `STYLE.md` asks: at most three threads, `LOOM_MAX_PREEMPTIONS=2` unless the
+//! environment says otherwise. Each model prints how many interleavings it explored (see
+//! them with `cargo test -p loom-tests -- --nocapture`).
 
+use crate::accounting::registry::Registry;
+use crate::accounting::types::{BcError, BcId, Limits, Resource, Severity};
+use loom::sync::Arc;
+use loom::thread;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+const MEM: Resource = Resource::Memory;
+const MEM_INDEX: usize = 0;
+
+/// Runs `f` under loom with the preemption bound defaulting to 2, and reports the number of
+/// interleavings explored.
+fn model<F>(name: &str, f: F)
+where
+    F: Fn() + Sync + Send + 'static,
+{
+    let iterations = std::sync::Arc::new(AtomicUsize::new(0));
+    let counted = iterations.clone();
+    let mut builder = loom::model::Builder::new();
+    if builder.preemption_bound.is_none() {
+        builder.preemption_bound = Some(2);
+    }
+    let bound = builder.preemption_bound;
+    builder.check(move || {
+        counted.fetch_add(1, Ordering::Relaxed);
+        f();
+    });
+    println!(
+        "loom model {name}: {} interleavings explored (preemption bound {bound:?})",
+        iterations.load(Ordering::Relaxed)
+    );
+}
+
+fn limits(barrier: u64, limit: u64) -> Limits {
+    Limits::new(barrier, limit).unwrap()
+}
+
+/// Concurrent charges on one beancounter with a limit: no interleaving ends with `held`
+/// above the limit or with a refused charge changing `held`, and `failcnt` counts exactly
+/// the refusals. One thread also uncharges, so the limit is crossed in both directions.
+#[test]
+fn concurrent_charges_respect_limit() {
+    model("concurrent_charges_respect_limit", || {
+        let reg = Arc::new(Registry::new(4));
+        let bc = reg.find_or_create(BcId(1), None).unwrap();
+        reg.set_limits(bc, MEM_INDEX, limits(5, 5)).unwrap();
+        // 2 is charged up front; the two threads each try 2 more then 2 again, and one
+        // gives back its first charge in between: 2 + 2 + 2 = 6 never fits all at once.
+        reg.charge(bc, MEM, MEM_INDEX, 2, Severity::Limit).unwrap();
+
+        let threads: Vec<_> = (0..2)
+            .map(|t| {
+                let reg = reg.clone();
+                thread::spawn(move || {
+                    let mut ok = 0u64;
+                    let mut refused = 0u64;
+                    for round in 0..2 {
+                        match reg.charge(bc, MEM, MEM_INDEX, 2, Severity::Limit) {
+                            Ok(()) => {
+                                ok += 2;
+                                // What this thread just made succeed is within the bound
+                                // now, as far as the counter's own order is concerned.
+                                assert!(reg.stat(bc, MEM_INDEX).maxheld <= 5);
+                            }
+                            Err(e) => {
+                                assert_eq!((e.id, e.requested, e.bound), (BcId(1), 2, 5));
+                                assert!(e.held + 2 > 5, "refused although it fitted: {e:?}");
+                                refused += 1;
+                            }
+                        }
+                        if t == 0 && round == 0 && ok > 0 {
+                            reg.uncharge(bc, MEM_INDEX, 2);
+                            ok -= 2;
+                        }
+                    }
+                    (ok, refused)
+                })
+            })
+            .collect();
+        let (mut ok, mut refused) = (2u64, 0u64);
+        for t in threads {
+            let (o, r) = t.join().unwrap();
+            ok += o;
+            refused += r;
+        }
+        let stat = reg.stat(bc, MEM_INDEX);
+        assert_eq!(stat.held, ok, "held is exactly the successful charges");
+        assert!(stat.held <= 5 && stat.maxheld <= 5);
+        assert_eq!(stat.failcnt, refused, "failcnt counts exactly the refusals");
+        reg.uncharge(bc, MEM_INDEX, ok);
+        reg.release(bc);
+        reg.check_invariants().unwrap();
+        assert_eq!(reg.live(), 0);
+    });
+}
+
+/// Hierarchy unroll: two children of one parent charge concurrently while the parent has
+/// room for only one of them; a third charge goes to the parent directly. A refusal at the
+/// parent unrolls the child's level, counts `failcnt` only at the parent, and no level ever
+/// ends above its bound.
+#[test]
+fn hierarchy_unrolls_under_concurrent_charges() {
+    model("hierarchy_unrolls_under_concurrent_charges", || {
+        let reg = Arc::new(Registry::new(4));
+        let parent = reg.find_or_create(BcId(10), None).unwrap();
+        let a = reg.find_or_create(BcId(11), Some(parent)).unwrap();
+        let b = reg.find_or_create(BcId(12), Some(parent)).unwrap();
+        reg.set_limits(parent, MEM_INDEX, limits(4, 4)).unwrap();
+        reg.set_limits(a, MEM_INDEX, limits(3, 3)).unwrap();
+        reg.set_limits(b, MEM_INDEX, limits(3, 3)).unwrap();
+
+        let spawn_charge = |index: u32, n: u64| {
+            let reg = reg.clone();
+            thread::spawn(move || reg.charge(index, MEM, MEM_INDEX, n, Severity::Limit))
+        };
+        let ta = spawn_charge(a, 3);
+        let tb = spawn_charge(b, 3);
+        let direct = reg.charge(parent, MEM, MEM_INDEX, 1, Severity::Limit);
+        let ra = ta.join().unwrap();
+        let rb = tb.join().unwrap();
+
+        let held = |i| reg.stat(i, MEM_INDEX).held;
+        let failcnt = |i| reg.stat(i, MEM_INDEX).failcnt;
+        for (r, child) in [(ra, a), (rb, b)] {
+            match r {
+                Ok(()) => assert_eq!(held(child), 3),
+                Err(e) => {
+                    // Only the parent can refuse: each child alone fits its own limit.
+                    assert_eq!(e.id, BcId(10));
+                    assert_eq!(held(child), 0, "the refused child level was unrolled");
+                    assert_eq!(failcnt(child), 0, "failcnt is counted where it was refused");
+                }
+            }
+        }
+        assert!(ra.is_err() || rb.is_err(), "3 + 3 cannot both fit in 4");
+        let direct_ok = direct.is_ok() as u64;
+        assert_eq!(held(parent), held(a) + held(b) + direct_ok);
+        assert!(held(parent) <= 4);
+        let refusals = ra.is_err() as u64 + rb.is_err() as u64 + direct.is_err() as u64;
+        assert_eq!(failcnt(parent), refusals);
+        reg.check_invariants().unwrap();
+
+        for (i, n) in [(a, held(a)), (b, held(b)), (parent, direct_ok)] {
+            reg.uncharge(i, MEM_INDEX, n);
+        }
+        for i in [a, b, parent] {
+            reg.release(i);
+        }
+        reg.check_invariants().unwrap();
+        assert_eq!(reg.live(), 0);
+    });
+}
+
+/// The last handle is dropped while another thread looks the id up, and a third creates it:
+/// the count drops to zero and another thread may take the object back before it is freed.
+/// Whatever the order, the slot a thread got is live and maps to its id while it is held,
+/// nothing is freed under a holder, and nothing leaks once all are released.
+#[test]
+fn last_release_races_lookup_and_create() {
+    model("last_release_races_lookup_and_create", || {
+        let reg = Arc::new(Registry::new(4));
+        let first = reg.find_or_create(BcId(7), None).unwrap();
+
+        let dropper = {
+            let reg = reg.clone();
+            thread::spawn(move || reg.release(first))
+        };
+        let looker = {
+            let reg = reg.clone();
+            thread::spawn(move || {
+                let found = reg.lookup(BcId(7));
+                if let Some(i) = found {
+                    assert_eq!(reg.id_of(i), BcId(7), "a looked-up slot is that id's");
+                    // Charging works on what we hold: it cannot be freed under us.
+                    reg.charge(i, MEM, MEM_INDEX, 1, Severity::Limit).unwrap();
+                    reg.uncharge(i, MEM_INDEX, 1);
+                    reg.release(i);
+                }
+            })
+        };
+        let created = reg.find_or_create(BcId(7), None).unwrap();
+        assert_eq!(reg.id_of(created), BcId(7));
+        assert_eq!(reg.lookup(BcId(7)), Some(created), "the id maps to the slot we hold");
+        reg.release(created);
+        dropper.join().unwrap();
+        looker.join().unwrap();
+        reg.release(created);
+        reg.check_invariants().unwrap();
+        assert_eq!(reg.live(), 0, "no slot leaked");
+        assert_eq!(reg.lookup(BcId(7)), None);
+    });
+}
+
+/// Slot reuse with generations: a release that saw the count fall to zero can be overtaken
+/// by a lookup that revives the slot, a release that frees it, and a creation that reuses it
+/// for another id. The late release must recognise the new generation and leave the new
+/// tenant alone; a charged zombie is never freed.
+#[test]
+fn slot_reuse_is_told_apart_by_generation() {
+    model("slot_reuse_is_told_apart_by_generation", || {
+        // Capacity 2: the root and one slot, so a new id must reuse the freed slot.
+        let reg = Arc::new(Registry::new(2));
+        let old = reg.find_or_create(BcId(1), None).unwrap();
+        let gen0 = reg.generation_of(old);
+
+        let dropper = {
+            let reg = reg.clone();
+            thread::spawn(move || reg.release(old))
+        };
+        let reuser = {
+            let reg = reg.clone();
+            thread::spawn(move || {
+                if let Some(i) = reg.lookup(BcId(1)) {
+                    reg.release(i);
+                }
+                match reg.find_or_create(BcId(2), None) {
+                    Ok(i) => {
+                        assert_eq!(reg.id_of(i), BcId(2));
+                        Some(i)
+                    }
+                    // The dropper has not freed id 1 yet: the only slot is taken.
+                    Err(BcError::TableFull) => None,
+                    Err(e) => panic!("unexpected {e:?}"),
+                }
+            })
+        };
+        dropper.join().unwrap();
+        let new = reuser.join().unwrap();
+        reg.check_invariants().unwrap();
+        match new {
+            Some(i) => {
+                assert_eq!(i, old, "one slot only: it was reused");
+                assert!(reg.generation_of(i) != gen0, "a reused slot has a new generation");
+                assert_eq!(reg.lookup(BcId(2)), Some(i), "the late release left it alone");
+                assert_eq!(reg.lookup(BcId(1)), None);
+                reg.release(i);
+                reg.release(i);
+            }
+            None => assert_eq!(reg.lookup(BcId(1)), None),
+        }
+        assert_eq!(reg.live(), 0);
+
+        // A zombie: released while charged stays, and is reaped once uncharged.
+        let z = reg.find_or_create(BcId(3), None).unwrap();
+        reg.charge(z, MEM, MEM_INDEX, 1, Severity::Force).unwrap();
+        reg.release(z);
+        assert_eq!(reg.live(), 1, "a charged slot is not freed");
+        reg.uncharge(z, MEM_INDEX, 1);
+        assert_eq!(reg.reap(), 1);
+        assert_eq!(reg.live(), 0);
+    });
+}

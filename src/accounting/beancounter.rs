@@ -169,13 +169,14 @@ impl ResourceCounter {
     }
 
     /// Reads every field. Fields are read one by one, so a stat taken while charges run is
-    /// a consistent value for each field, not a snapshot of all of them at one instant.
+    /// a consistent value for each field, not a snapshot of all of them at one instant:
+    /// `held` may then include a charge about to be refused (and so exceed `maxheld` or a
+    /// bound for a moment), while `maxheld` records only charges that succeeded.
     pub(crate) fn stat(&self) -> ResourceStat {
-        let held = self.held();
         ResourceStat {
-            held,
-            maxheld: (self.maxheld.load(Relaxed).max(0) as u64).max(held),
-            minheld: (self.minheld.load(Relaxed).max(0) as u64).min(held),
+            held: self.held(),
+            maxheld: self.maxheld.load(Relaxed).max(0) as u64,
+            minheld: self.minheld.load(Relaxed).max(0) as u64,
             barrier: self.barrier.load(Relaxed) as u64,
             limit: self.limit.load(Relaxed) as u64,
             failcnt: self.failcnt.load(Relaxed),

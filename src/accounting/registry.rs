@@ -768,7 +768,7 @@ mod table {
 #[cfg(beancounter_loom)]
 impl Drop for Registry {
     fn drop(&mut self) {
-        let inner = self.inner.lock();
+        let inner = self.inner.get_mut();
         if !inner.slots.is_null() {
             table::unmap(
                 inner.slots,

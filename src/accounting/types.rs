@@ -10,7 +10,12 @@ use core::fmt;
 pub const MAX: u64 = i64::MAX as u64;
 
 /// How many custom resources [`register_resource`](crate::register_resource) can name.
+#[cfg(not(beancounter_loom))]
 pub const MAX_CUSTOM_RESOURCES: usize = 16;
+/// Under loom, a tiny configuration: every counter a slot creation resets is a branch the
+/// model checker explores.
+#[cfg(beancounter_loom)]
+pub const MAX_CUSTOM_RESOURCES: usize = 1;
 
 /// How deep beancounters nest: a top-level beancounter is depth 1, its child depth 2.
 ///
