@@ -104,7 +104,11 @@ impl ResourceCounter {
             self.sub_clamped(n);
             return Err(self.refuse(prev, bound));
         }
-        self.maxheld.fetch_max(new, Relaxed);
+        // Read first: a new peak is rare, and a plain load is far cheaper than the CAS loop
+        // that `fetch_max` compiles to.
+        if new > self.maxheld.load(Relaxed) {
+            self.maxheld.fetch_max(new, Relaxed);
+        }
         Ok(())
     }
 
@@ -128,7 +132,9 @@ impl ResourceCounter {
     #[inline]
     pub(crate) fn uncharge(&self, n: u64) {
         let new = self.sub_clamped(n);
-        self.minheld.fetch_min(new, Relaxed);
+        if new < self.minheld.load(Relaxed) {
+            self.minheld.fetch_min(new, Relaxed);
+        }
     }
 
     /// `held = max(held - n, 0)` in one atomic step; returns the new value.
