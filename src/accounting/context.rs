@@ -92,7 +92,7 @@ pub fn current_id() -> BcId {
 /// [`Beancounter::enter_exec`].
 ///
 /// A guard belongs to the thread that made it:
-/// ```compile_fail
+/// ```compile_fail,E0277
 /// let t = beancounter::find_or_create(beancounter::BcId(1)).unwrap();
 /// let g = t.enter();
 /// std::thread::spawn(move || drop(g));

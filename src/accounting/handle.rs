@@ -2,7 +2,7 @@
 //! [`Charge`]s, and the free functions that work by id.
 
 use super::registry::{Registry, ROOT};
-use super::types::{BcError, BcId, Limits, Resource, ResourceStat, Severity};
+use super::types::{BcError, BcId, Exceeded, Limits, Resource, ResourceStat, Severity};
 use core::fmt;
 
 /// The process's beancounter table.
@@ -379,5 +379,21 @@ impl fmt::Display for Resource {
             (None, Resource::Custom(n)) => write!(f, "custom{n}"),
             (None, other) => write!(f, "{other:?}"),
         }
+    }
+}
+
+impl fmt::Display for Exceeded {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "beancounter {} refused {} {}: held {} + {} > {} {}",
+            self.id,
+            self.requested,
+            self.resource,
+            self.held,
+            self.requested,
+            self.severity,
+            self.bound
+        )
     }
 }

@@ -197,22 +197,6 @@ pub struct Exceeded {
     pub bound: u64,
 }
 
-impl fmt::Display for Exceeded {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(
-            f,
-            "beancounter {} refused {} {:?}: held {} + {} > {} {}",
-            self.id,
-            self.requested,
-            self.resource,
-            self.held,
-            self.requested,
-            self.severity,
-            self.bound
-        )
-    }
-}
-
 impl std::error::Error for Exceeded {}
 
 /// Why a beancounter call failed. Every error leaves the state as it was.
