@@ -31,11 +31,22 @@ fn main() -> Result<(), BcError> {
     assert_eq!(open.len(), 3);
 
     // Threads spawned under Bob's guard start in Bob and count against his Threads limit.
+    // They wait at the gate until all three were tried, so all run at once.
+    let gate = Arc::new(RwLock::new(()));
+    let closed = gate.write().unwrap();
     let _g = bob.enter();
     let workers: Vec<_> = (0..3)
-        .map(|_| beancounter::thread::spawn(beancounter::current_id))
+        .map(|_| {
+            let gate = gate.clone();
+            beancounter::thread::spawn(move || {
+                drop(gate.read().unwrap());
+                beancounter::current_id()
+            })
+        })
         .collect();
+    drop(closed);
     let refused = workers.iter().filter(|w| w.is_err()).count();
+    assert_eq!(refused, 1);
     for w in workers.into_iter().flatten() {
         assert_eq!(w.join().unwrap(), BcId(2));
     }

@@ -3,6 +3,7 @@
 
 use super::registry::{Registry, ROOT};
 use super::types::{BcError, BcId, Exceeded, Limits, Resource, ResourceStat, Severity};
+use super::types::{MAX, MAX_CUSTOM_RESOURCES, MAX_DEPTH};
 use core::fmt;
 
 /// The process's beancounter table.
@@ -397,3 +398,44 @@ impl fmt::Display for Exceeded {
         )
     }
 }
+
+impl std::error::Error for Exceeded {}
+
+impl fmt::Display for BcError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            BcError::NotFound(id) => write!(f, "no beancounter with id {id}"),
+            BcError::InvalidLimits { barrier, limit } => write!(
+                f,
+                "invalid limits: barrier {barrier}, limit {limit} (need barrier <= limit <= {MAX})"
+            ),
+            BcError::Exceeded(e) => fmt::Display::fmt(e, f),
+            BcError::TableFull => f.write_str("the beancounter table is full"),
+            BcError::UnknownResource(r) => write!(f, "unknown resource {r:?}"),
+            BcError::TooManyResources => {
+                write!(
+                    f,
+                    "all {MAX_CUSTOM_RESOURCES} custom resources are registered"
+                )
+            }
+            BcError::AlreadyExists {
+                id,
+                parent: Some(p),
+            } => {
+                write!(f, "beancounter {id} already exists under parent {p}")
+            }
+            BcError::AlreadyExists { id, parent: None } => {
+                write!(f, "beancounter {id} already exists at the top level")
+            }
+            BcError::InvalidName(name) => write!(
+                f,
+                "invalid resource name {name:?}: use 1 to 32 printable ASCII characters, no spaces"
+            ),
+            BcError::InvalidId(id) => write!(f, "beancounter id {id} cannot be used here"),
+            BcError::TooDeep => write!(f, "beancounters nest at most {} deep", MAX_DEPTH),
+            BcError::OutOfMemory => f.write_str("the OS refused memory for the beancounter table"),
+        }
+    }
+}
+
+impl std::error::Error for BcError {}
