@@ -101,7 +101,7 @@ impl ResourceCounter {
         let new = prev.wrapping_add(n as i64);
         // `new < 0` means the add overflowed `i64`: above every bound.
         if new > bound || new < 0 {
-            self.sub_clamped(n);
+            self.rollback(n);
             return Err(self.refuse(prev, bound));
         }
         // Read first: a new peak is rare, and a plain load is far cheaper than the CAS loop
@@ -121,10 +121,12 @@ impl ResourceCounter {
         }
     }
 
-    /// Takes back a charge this counter accepted, when a higher level refused it. Not a
-    /// change the window records: the charge never completed.
+    /// Takes back an add this counter made for a charge that was then refused, here or at a
+    /// higher level: the exact inverse of the `fetch_add` (which may have wrapped, for a
+    /// `Force` charge past `MAX`), not recorded in the window since it never completed.
+    /// `n <= MAX` (larger charges are refused before adding).
     pub(crate) fn rollback(&self, n: u64) {
-        self.sub_clamped(n);
+        self.held.fetch_sub(n as i64, Relaxed);
     }
 
     /// Subtracts `n` from what is held, clamping at zero and counting a warning if the
@@ -203,5 +205,63 @@ impl ResourceCounter {
             return Err("barrier outside [0, limit]");
         }
         Ok(())
+    }
+}
+
+#[cfg(all(test, not(beancounter_loom)))]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bounds_by_severity() {
+        let c = ResourceCounter::new(10, 20);
+        c.try_charge(10, Severity::Barrier).unwrap();
+        let r = c.try_charge(1, Severity::Barrier).unwrap_err();
+        assert_eq!((r.held, r.bound), (10, 10));
+        c.try_charge(10, Severity::Limit).unwrap();
+        assert!(c.try_charge(1, Severity::Limit).is_err());
+        c.try_charge(1000, Severity::Force).unwrap();
+        assert_eq!(c.held(), 1020);
+        assert_eq!(c.stat().failcnt, 2);
+        c.check_invariants().unwrap();
+    }
+
+    #[test]
+    fn force_refuses_only_overflow() {
+        let c = ResourceCounter::new(MAX, MAX);
+        c.try_charge(MAX, Severity::Force).unwrap();
+        let r = c.try_charge(1, Severity::Force).unwrap_err();
+        assert_eq!(r.held, MAX);
+        assert_eq!(c.held(), MAX, "the overflowing charge was rolled back");
+        assert!(
+            c.try_charge(MAX + 1, Severity::Force).is_err(),
+            "more than MAX at once"
+        );
+        assert_eq!(c.stat().failcnt, 2);
+    }
+
+    #[test]
+    fn uncharging_too_much_clamps_and_warns() {
+        let c = ResourceCounter::new(MAX, MAX);
+        c.try_charge(5, Severity::Limit).unwrap();
+        c.uncharge(7);
+        assert_eq!(c.held(), 0);
+        assert_eq!(c.warnings(), 1);
+        c.uncharge(u64::MAX);
+        assert_eq!((c.held(), c.warnings()), (0, 2));
+        c.check_invariants().unwrap();
+    }
+
+    #[test]
+    fn window_follows_held() {
+        let c = ResourceCounter::new(MAX, MAX);
+        c.try_charge(8, Severity::Limit).unwrap();
+        c.uncharge(6);
+        let s = c.stat();
+        assert_eq!((s.held, s.maxheld, s.minheld), (2, 8, 0));
+        c.reset_window();
+        c.try_charge(1, Severity::Limit).unwrap();
+        let s = c.stat();
+        assert_eq!((s.held, s.maxheld, s.minheld), (3, 3, 2));
     }
 }
