@@ -186,7 +186,11 @@ fn last_release_races_lookup_and_create() {
         };
         let created = reg.find_or_create(BcId(7), None).unwrap();
         assert_eq!(reg.id_of(created), BcId(7));
-        assert_eq!(reg.lookup(BcId(7)), Some(created), "the id maps to the slot we hold");
+        assert_eq!(
+            reg.lookup(BcId(7)),
+            Some(created),
+            "the id maps to the slot we hold"
+        );
         reg.release(created);
         dropper.join().unwrap();
         looker.join().unwrap();
@@ -236,8 +240,15 @@ fn slot_reuse_is_told_apart_by_generation() {
         match new {
             Some(i) => {
                 assert_eq!(i, old, "one slot only: it was reused");
-                assert!(reg.generation_of(i) != gen0, "a reused slot has a new generation");
-                assert_eq!(reg.lookup(BcId(2)), Some(i), "the late release left it alone");
+                assert!(
+                    reg.generation_of(i) != gen0,
+                    "a reused slot has a new generation"
+                );
+                assert_eq!(
+                    reg.lookup(BcId(2)),
+                    Some(i),
+                    "the late release left it alone"
+                );
                 assert_eq!(reg.lookup(BcId(1)), None);
                 reg.release(i);
                 reg.release(i);

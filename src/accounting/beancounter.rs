@@ -1,12 +1,21 @@
 //! A0: the counters of one resource of one beancounter, and the charging rule.
 //!
-//! Charging is signed add-then-check-then-rollback, as Linux's `mm/page_counter.c` does it:
-//! one `fetch_add` claims the amount, the new value is compared with the bound, and a
-//! refused charge subtracts what it added. Every successful checked charge therefore
-//! observed, in the counter's single modification order, a value within its bound, and
-//! `held` can only be above a bound transiently, by charges that are about to be refused.
-//! A concurrent charge that lands in such a transient may be refused although it alone
-//! would have fitted; it is counted in `failcnt` like any refusal.
+//! Charging is signed add-then-check, published with one compare-and-swap: the new `held`
+//! is computed, checked against the bound, and stored only if it passes. A refused charge
+//! therefore never changes `held`, not even for an instant, which is what keeps three
+//! promises exact under concurrency that a `fetch_add` followed by a rollback (Linux's
+//! `mm/page_counter.c`) only keeps at rest: a charge is never refused because of another
+//! charge that is itself being refused (`DESIGN.md` §3.5 allows false refusals only for
+//! stock), `stat()` never shows `held` above a bound a checked charge was held to, and
+//! `maxheld`/`minheld` and `reset_window()` never record a refused amount. Uncontended, the
+//! CAS costs what the `fetch_add` did; contended, it retries instead of failing. Counters
+//! are signed so that nothing can wrap, and the unsigned subtract-and-refund trick (which
+//! admits charges past the limit under contention) is not used anywhere.
+//!
+//! In a hierarchy each level is charged this way, from the charged beancounter up; when an
+//! ancestor refuses, the levels below it are rolled back (uncharged). Until then those
+//! levels show the charge, and a concurrent charge there may see less headroom than there
+//! is; their `maxheld` is only raised once every level accepted.
 //!
 //! Invariants (checked by [`ResourceCounter::check_invariants`]):
 //! - at rest, `0 <= minheld <= held <= maxheld` within a window;
@@ -83,32 +92,49 @@ impl ResourceCounter {
         self.limit.store(limit as i64, Relaxed);
     }
 
-    /// Adds `n` if, after adding, `held` is within the bound of `severity`; otherwise leaves
-    /// `held` as it was and counts the refusal in `failcnt`.
+    /// Adds `n` if the result stays within the bound of `severity`, in one compare-and-swap;
+    /// otherwise leaves `held` as it was and counts the refusal in `failcnt`. Returns the new
+    /// `held`, which the caller passes to [`record_peak`](Self::record_peak) once the whole
+    /// charge (every level) succeeded.
     ///
     /// `Force` is bounded only by `MAX`, so that `held` can never overflow.
     #[inline]
-    pub(crate) fn try_charge(&self, n: u64, severity: Severity) -> Result<(), Refusal> {
+    pub(crate) fn try_add(&self, n: u64, severity: Severity) -> Result<i64, Refusal> {
         let bound = match severity {
             Severity::Barrier => self.barrier.load(Relaxed),
             Severity::Limit => self.limit.load(Relaxed),
             Severity::Force => i64::MAX,
         };
-        if n > MAX {
-            return Err(self.refuse(self.held.load(Relaxed), bound));
+        let mut cur = self.held.load(Relaxed);
+        loop {
+            // `0 <= cur <= MAX`, so the sum fits in u64 unless `n` is absurd.
+            let new = match (cur as u64).checked_add(n) {
+                Some(new) if new <= bound as u64 => new as i64,
+                _ => return Err(self.refuse(cur, bound)),
+            };
+            match self.held.compare_exchange_weak(cur, new, Relaxed, Relaxed) {
+                Ok(_) => return Ok(new),
+                Err(actual) => cur = actual,
+            }
         }
-        let prev = self.held.fetch_add(n as i64, Relaxed);
-        let new = prev.wrapping_add(n as i64);
-        // `new < 0` means the add overflowed `i64`: above every bound.
-        if new > bound || new < 0 {
-            self.rollback(n);
-            return Err(self.refuse(prev, bound));
-        }
+    }
+
+    /// Records a value `held` reached through a completed charge.
+    #[inline]
+    pub(crate) fn record_peak(&self, held: i64) {
         // Read first: a new peak is rare, and a plain load is far cheaper than the CAS loop
         // that `fetch_max` compiles to.
-        if new > self.maxheld.load(Relaxed) {
-            self.maxheld.fetch_max(new, Relaxed);
+        if held > self.maxheld.load(Relaxed) {
+            self.maxheld.fetch_max(held, Relaxed);
         }
+    }
+
+    /// [`try_add`](Self::try_add) and [`record_peak`](Self::record_peak) for a one-level
+    /// charge.
+    #[cfg(test)]
+    pub(crate) fn try_charge(&self, n: u64, severity: Severity) -> Result<(), Refusal> {
+        let held = self.try_add(n, severity)?;
+        self.record_peak(held);
         Ok(())
     }
 
@@ -121,19 +147,12 @@ impl ResourceCounter {
         }
     }
 
-    /// Takes back an add this counter made for a charge that was then refused, here or at a
-    /// higher level: the exact inverse of the `fetch_add` (which may have wrapped, for a
-    /// `Force` charge past `MAX`), not recorded in the window since it never completed.
-    /// `n <= MAX` (larger charges are refused before adding).
-    pub(crate) fn rollback(&self, n: u64) {
-        self.held.fetch_sub(n as i64, Relaxed);
-    }
-
     /// Subtracts `n` from what is held, clamping at zero and counting a warning if the
     /// caller gave back more than was held.
     #[inline]
     pub(crate) fn uncharge(&self, n: u64) {
         let new = self.sub_clamped(n);
+        // An uncharge, or the rollback of a level whose ancestor refused a charge.
         if new < self.minheld.load(Relaxed) {
             self.minheld.fetch_min(new, Relaxed);
         }
@@ -232,7 +251,7 @@ mod tests {
         c.try_charge(MAX, Severity::Force).unwrap();
         let r = c.try_charge(1, Severity::Force).unwrap_err();
         assert_eq!(r.held, MAX);
-        assert_eq!(c.held(), MAX, "the overflowing charge was rolled back");
+        assert_eq!(c.held(), MAX, "the overflowing charge changed nothing");
         assert!(
             c.try_charge(MAX + 1, Severity::Force).is_err(),
             "more than MAX at once"

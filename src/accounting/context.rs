@@ -100,7 +100,10 @@ pub fn current_id() -> BcId {
 ///
 /// # Panics
 /// Dropping guards in another order than the reverse of their creation panics (unless the
-/// thread is already panicking); the references stay balanced either way.
+/// thread is already panicking). The context is still repaired: dropping an outer guard
+/// restores what it saved, the guards inside it become stale and restore nothing, so once
+/// all are dropped the thread is back where it was before the outermost one, and every
+/// reference is given back.
 #[must_use = "the tenant is left as soon as the guard is dropped"]
 pub struct ExecGuard {
     prev_exec: u32,
@@ -115,13 +118,24 @@ impl Drop for ExecGuard {
         let reg = registry();
         let in_order = CONTEXT
             .try_with(|c| {
-                let in_order = c.depth.get() == self.depth;
+                let depth = c.depth.get();
+                if self.depth > depth {
+                    // An outer guard was dropped first and already restored the context
+                    // from before this one: only give back the references saved here.
+                    reg.release(self.prev_exec);
+                    if let Some(fork) = self.prev_fork {
+                        reg.release(fork);
+                    }
+                    return false;
+                }
+                // In order, or inner guards are still alive: restore what this guard saved,
+                // which leaves the context as it was before it (and the inner ones stale).
                 c.depth.set(self.depth - 1);
                 reg.release(c.exec.replace(self.prev_exec));
                 if let Some(fork) = self.prev_fork {
                     reg.release(c.fork.replace(fork));
                 }
-                in_order
+                self.depth == depth
             })
             .unwrap_or(true);
         if !in_order && !std::thread::panicking() {

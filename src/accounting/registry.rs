@@ -193,15 +193,13 @@ impl Registry {
 
     // ---- lifetime -----------------------------------------------------------------------
 
-    /// Returns the slot of `id` with one reference taken, creating it (as a child of
-    /// `parent`, itself referenced by the caller) if it does not exist.
-    ///
-    /// An existing id is returned whatever its parent when `parent` is `None`; with
-    /// `Some(parent)` it must already be that parent's child.
+    /// Returns the slot of `id` with one reference taken, creating it if it does not exist:
+    /// with `parent == None` as a top-level beancounter, and then an existing id is
+    /// returned whatever its parent; with `Some(p)` as a child of `p` (referenced by the
+    /// caller), and an existing id must already be `p`'s child. The root's children are the
+    /// top-level beancounters: the root is the host's own context, not an ancestor that is
+    /// charged.
     pub(crate) fn find_or_create(&self, id: BcId, parent: Option<u32>) -> Result<u32, BcError> {
-        // The root's children are the top-level beancounters: the root is not their
-        // ancestor for charging, it is the host's own context.
-        let parent = parent.filter(|&p| p != ROOT);
         if id == BcId::ROOT {
             return if parent.is_none() {
                 Ok(ROOT)
@@ -209,25 +207,26 @@ impl Registry {
                 Err(BcError::InvalidId(id))
             };
         }
+        // The link a new slot gets, and the one an existing slot must have (if any).
+        let link = match parent {
+            None | Some(ROOT) => NO_PARENT,
+            Some(p) => p,
+        };
         let mut inner = self.inner.lock();
         self.ensure_table(&mut inner)?;
         if let Some(index) = inner.find(id.0) {
             let slot = self.slot(index);
             let existing = slot.link.load(Ordering::Relaxed);
-            if let Some(p) = parent {
-                if existing != p {
-                    let parent = (existing != NO_PARENT).then(|| self.id_of(existing));
-                    return Err(BcError::AlreadyExists { id, parent });
-                }
+            if parent.is_some() && existing != link {
+                let parent = (existing != NO_PARENT).then(|| self.id_of(existing));
+                return Err(BcError::AlreadyExists { id, parent });
             }
             // Under the lock, so a release that saw refs fall to zero cannot free it now.
             self.take_ref(slot);
             return Ok(index);
         }
-        if let Some(p) = parent {
-            if self.depth(p) >= MAX_DEPTH {
-                return Err(BcError::TooDeep);
-            }
+        if link != NO_PARENT && self.depth(link) >= MAX_DEPTH {
+            return Err(BcError::TooDeep);
         }
         let index = match inner.take_free() {
             Some(index) => index,
@@ -242,10 +241,9 @@ impl Registry {
             counter.reset(limits.barrier, limits.limit);
         }
         slot.id.store(id.0, Ordering::Relaxed);
-        slot.link
-            .store(parent.unwrap_or(NO_PARENT), Ordering::Relaxed);
-        if let Some(p) = parent {
-            self.take_ref(self.slot(p));
+        slot.link.store(link, Ordering::Relaxed);
+        if link != NO_PARENT {
+            self.take_ref(self.slot(link));
         }
         slot.state.store(pack(gen, true, 1), Ordering::Release);
         inner.insert(id.0, index);
@@ -398,30 +396,45 @@ impl Registry {
         n: u64,
         severity: Severity,
     ) -> Result<(), Exceeded> {
+        let mut peaks = [0i64; MAX_DEPTH];
         let mut at = index;
+        let mut level = 0;
         loop {
             let slot = self.slot(at);
-            if let Err(refusal) = slot.counters[ri].try_charge(n, severity) {
-                let mut below = index;
-                while below != at {
-                    let s = self.slot(below);
-                    s.counters[ri].rollback(n);
-                    below = s.link.load(Ordering::Relaxed);
+            match slot.counters[ri].try_add(n, severity) {
+                Ok(held) => peaks[level] = held,
+                Err(refusal) => {
+                    // Unroll the levels below the one that refused.
+                    let mut below = index;
+                    while below != at {
+                        let s = self.slot(below);
+                        s.counters[ri].uncharge(n);
+                        below = s.link.load(Ordering::Relaxed);
+                    }
+                    return Err(Exceeded {
+                        id: BcId(slot.id.load(Ordering::Relaxed)),
+                        resource: r,
+                        severity,
+                        requested: n,
+                        held: refusal.held,
+                        bound: refusal.bound,
+                    });
                 }
-                return Err(Exceeded {
-                    id: BcId(slot.id.load(Ordering::Relaxed)),
-                    resource: r,
-                    severity,
-                    requested: n,
-                    held: refusal.held,
-                    bound: refusal.bound,
-                });
             }
+            level += 1;
             at = slot.link.load(Ordering::Relaxed);
             if at == NO_PARENT {
-                return Ok(());
+                break;
             }
         }
+        // Every level accepted: only now do the windows record it.
+        let mut at = index;
+        for peak in &peaks[..level] {
+            let slot = self.slot(at);
+            slot.counters[ri].record_peak(*peak);
+            at = slot.link.load(Ordering::Relaxed);
+        }
+        Ok(())
     }
 
     /// Gives `n` of counter `ri` back to `index` and every ancestor.
