@@ -31,6 +31,7 @@
 #![warn(missing_debug_implementations)]
 
 mod accounting;
+mod alloc;
 mod os;
 mod sync;
 
@@ -40,10 +41,12 @@ pub use accounting::handle::{
     register_resource, root, set_default_limits, set_limits, stat, Beancounter, Charge,
 };
 pub use accounting::registry::{DEFAULT_CAPACITY, MAX_CAPACITY};
+pub use accounting::stock::{STOCK_BYTES, STOCK_OBJECTS};
 pub use accounting::types::{
     BcError, BcId, Exceeded, Limits, Resource, ResourceStat, Severity, MAX, MAX_CUSTOM_RESOURCES,
     MAX_DEPTH,
 };
+pub use alloc::global::{check_heap, drain_stock, fail_next_os_maps, mapped_bytes, BeanAlloc};
 
 /// Threads that start in the spawning thread's fork beancounter.
 pub mod thread {

@@ -11,7 +11,7 @@
 
 #[cfg(not(beancounter_loom))]
 pub(crate) use std::sync::atomic::{
-    fence, AtomicBool, AtomicI64, AtomicPtr, AtomicU32, AtomicU64, Ordering,
+    fence, AtomicBool, AtomicI64, AtomicPtr, AtomicU32, AtomicU64, AtomicUsize, Ordering,
 };
 
 #[cfg(beancounter_loom)]
@@ -77,6 +77,15 @@ mod mutex {
                 }
             }
             MutexGuard { mutex: self }
+        }
+
+        /// Releases the lock without a guard: for the `fork()` protocol, which takes the
+        /// lock in the prepare handler and releases it in the parent and child handlers.
+        ///
+        /// # Safety
+        /// The lock must be held, by a guard that was forgotten for this purpose.
+        pub(crate) unsafe fn force_unlock(&self) {
+            self.locked.store(false, Ordering::Release);
         }
     }
 

@@ -2,6 +2,7 @@
 //! [`Charge`]s, and the free functions that work by id.
 
 use super::registry::{Registry, ROOT};
+use super::stock;
 use super::types::{BcError, BcId, Exceeded, Limits, Resource, ResourceStat, Severity};
 use super::types::{MAX, MAX_CUSTOM_RESOURCES, MAX_DEPTH};
 use core::fmt;
@@ -102,7 +103,7 @@ impl Beancounter {
     pub fn stat(&self, r: Resource) -> ResourceStat {
         let reg = registry();
         match reg.resource_index(r) {
-            Ok(ri) => reg.stat(self.index, ri),
+            Ok(ri) => true_stat(self.index, ri),
             Err(_) => ResourceStat::default(),
         }
     }
@@ -294,7 +295,16 @@ pub fn stat(id: BcId, r: Resource) -> Result<ResourceStat, BcError> {
     let reg = registry();
     let ri = reg.resource_index(r)?;
     let bc = lookup(id).ok_or(BcError::NotFound(id))?;
-    Ok(reg.stat(bc.index, ri))
+    Ok(true_stat(bc.index, ri))
+}
+
+/// The counters of `index`, with `held` as true usage: what is charged minus what threads'
+/// stocks hold of it (exact when no thread is charging; `maxheld`/`minheld` are recorded on
+/// the charged value, stocks included).
+fn true_stat(index: u32, ri: usize) -> ResourceStat {
+    let mut s = registry().stat(index, ri);
+    s.held = s.held.saturating_sub(stock::stocked(index, ri));
+    s
 }
 
 /// Sets the limits that beancounters created from now on start with (existing ones keep

@@ -1,4 +1,4 @@
-//! The accounting stack, A0 to A2 (A3, per-thread stocks, comes with fast charging).
+//! The accounting stack, A0 to A3.
 //!
 //! Loom compiles this module from `loom-tests/` with `cfg(beancounter_loom)`: the layers
 //! that need the process-wide registry or std threads are left out there, the protocols
@@ -14,3 +14,5 @@ pub(crate) mod context;
 pub(crate) mod handle;
 #[cfg(not(beancounter_loom))]
 pub(crate) mod spawn;
+#[cfg(not(beancounter_loom))]
+pub(crate) mod stock;

@@ -460,6 +460,20 @@ impl Registry {
         (link != NO_PARENT).then_some(link)
     }
 
+    /// Is `of` the beancounter `index` or one of its descendants?
+    pub(crate) fn is_self_or_descendant(&self, of: u32, index: u32) -> bool {
+        let mut at = of;
+        loop {
+            if at == index {
+                return true;
+            }
+            match self.parent_of(at) {
+                Some(p) => at = p,
+                None => return false,
+            }
+        }
+    }
+
     fn depth(&self, index: u32) -> usize {
         let mut depth = 1;
         let mut at = index;
@@ -533,6 +547,22 @@ impl Registry {
                 inner.custom_names[..count].get(n as usize).copied()
             }
         }
+    }
+
+    /// Takes the registry lock around `fork()`.
+    #[cfg(not(beancounter_loom))]
+    pub(crate) fn lock_for_fork(&self) {
+        core::mem::forget(self.inner.lock());
+    }
+
+    /// Releases the lock taken by [`lock_for_fork`](Self::lock_for_fork).
+    ///
+    /// # Safety
+    /// Only after `lock_for_fork`, in the parent or the child.
+    #[cfg(not(beancounter_loom))]
+    pub(crate) unsafe fn unlock_after_fork(&self) {
+        // SAFETY: locked by `lock_for_fork`, guard forgotten.
+        unsafe { self.inner.force_unlock() }
     }
 
     /// Live beancounters besides the root.

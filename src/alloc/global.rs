@@ -1,0 +1,451 @@
+//! L4: [`BeanAlloc`], the `GlobalAlloc`. Routes each request by size, and is the only place
+//! where the allocator stack and the accounting stack meet: every block is charged to the
+//! current thread's exec beancounter before it is returned, and uncharged from the
+//! beancounter recorded with it when it is freed.
+//!
+//! # The first allocation of a thread
+//!
+//! ```text
+//! alloc(layout)                          size ≤ 32 KiB and align ≤ 4 KiB: a slab object
+//! ├─ context::exec_index()               TLS read: the exec beancounter's slot index
+//! ├─ stock::charge_object(bc, class size)
+//! │  └─ (no stock yet) claim a stock slot, charge size + one batch to bc and its ancestors
+//! ├─ thread_cache::alloc(class)          TLS heap is the static empty heap: its bin's
+//! │  │                                   current slab is the static empty slab → pop fails
+//! │  └─ Err(Uninit)
+//! ├─ start_thread()                      adopt an abandoned heap or map a new one; register
+//! │                                      the thread-exit hook (pthread key) and fork hooks
+//! ├─ thread_cache::alloc(class)          refill: Slab::create → run::alloc_run → (first
+//! │                                      time) os::map_aligned a 4 MiB segment
+//! └─ slab.set_tag(p, bc)                 the owner tag, in the slab's side array
+//! ```
+//! Every later allocation of that class on that thread: TLS exec, stock subtract, slab pop,
+//! tag store — no lock, no atomic read-modify-write.
+//!
+//! # A remote free
+//!
+//! ```text
+//! dealloc(p, layout)                     on another thread
+//! ├─ page_map: mask p to its segment → page → run → slab at the run's end
+//! ├─ tag = slab.tag(p)                   whoever was charged, whatever thread allocated
+//! ├─ stock::uncharge_object(tag, size)   into this thread's stock if it stocks `tag`,
+//! │                                      else straight to the beancounter
+//! └─ thread_cache::free(slab, p)         slab.owner ≠ this heap → one CAS onto the slab's
+//!                                        remote list; if the owner had parked the slab as
+//!                                        full, push the slab onto the owner's return stack
+//! ```
+//!
+//! # Charging rules
+//! - Slab objects charge their class size, large blocks their page-rounded size, huge blocks
+//!   their page-rounded size (the head page is metadata). Every block charges one
+//!   `Allocations`.
+//! - The charge is checked against the limit (`Severity::Limit`) before any memory is
+//!   taken; a refusal returns null and leaves nothing charged. If the OS then refuses
+//!   memory, the charge is given back.
+//! - `realloc` in place keeps the block's owner: it happens only when the current exec
+//!   beancounter is that owner (the growth is charged to it); otherwise the block moves and
+//!   the new block is charged to the current exec beancounter like any allocation.
+//! - The allocator's metadata (segment headers, slab tails, heaps, stock and registry tables)
+//!   is charged to nobody.
+
+use super::page_map::{self, Owner};
+use super::run::{self, Kind, LARGE_MAX, MAX_ALIGN};
+use super::size_class::{self, CLASSES};
+use super::thread_cache::{self, AllocError};
+use crate::accounting::types::{Resource, Severity};
+use crate::accounting::{context, handle, stock};
+use crate::os::PAGE;
+use crate::sync::{AtomicU32, Ordering};
+use core::alloc::{GlobalAlloc, Layout};
+use core::cell::Cell;
+use core::ptr;
+
+/// The allocator. Install it with `#[global_allocator]`; see the crate docs.
+///
+/// # Examples
+/// ```
+/// #[global_allocator]
+/// static ALLOC: beancounter::BeanAlloc = beancounter::BeanAlloc::new();
+/// # fn main() {
+/// let v = vec![0u8; 1000];
+/// assert!(beancounter::root().stat(beancounter::Resource::Memory).held >= 1000);
+/// # drop(v);
+/// # }
+/// ```
+#[derive(Debug, Default)]
+pub struct BeanAlloc {
+    _private: (),
+}
+
+impl BeanAlloc {
+    /// The allocator; every instance shares the same process-wide state.
+    pub const fn new() -> BeanAlloc {
+        BeanAlloc { _private: () }
+    }
+}
+
+// SAFETY: every method returns blocks that are valid for the layout asked (size and
+// alignment, checked per route below), never overlapping a live block, or null; `dealloc`
+// and `realloc` take only blocks this allocator returned; nothing here unwinds or calls
+// back into the global allocator.
+unsafe impl GlobalAlloc for BeanAlloc {
+    #[inline]
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        allocate(layout, false)
+    }
+
+    #[inline]
+    unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
+        allocate(layout, true)
+    }
+
+    #[inline]
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        // SAFETY: the caller hands back a block of this allocator, with its layout.
+        unsafe { deallocate(ptr, layout) }
+    }
+
+    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+        // SAFETY: as the GlobalAlloc contract says for realloc.
+        unsafe { reallocate(ptr, layout, new_size) }
+    }
+}
+
+#[inline]
+fn allocate(layout: Layout, zero: bool) -> *mut u8 {
+    match size_class::class_for(layout.size(), layout.align()) {
+        Some(class) => alloc_small(class, zero),
+        None => alloc_big(layout.size(), layout.align(), zero),
+    }
+}
+
+#[inline]
+fn alloc_small(class: usize, zero: bool) -> *mut u8 {
+    let bc = context::exec_index();
+    let bytes = CLASSES[class].size as usize;
+    if stock::charge_object(bc, bytes as u64, Severity::Limit).is_err() {
+        return ptr::null_mut();
+    }
+    let (p, slab, zeroed) = match thread_cache::alloc(class) {
+        Ok(got) => got,
+        Err(e) => match alloc_small_slow(class, e) {
+            Some(got) => got,
+            None => {
+                stock::uncharge_object(bc, bytes as u64);
+                return ptr::null_mut();
+            }
+        },
+    };
+    slab.set_tag(p.as_ptr(), bc);
+    if zero && !zeroed {
+        // SAFETY: `p` is a fresh object of `bytes` bytes.
+        unsafe { ptr::write_bytes(p.as_ptr(), 0, bytes) };
+    }
+    p.as_ptr()
+}
+
+#[cold]
+#[inline(never)]
+fn alloc_small_slow(
+    class: usize,
+    e: AllocError,
+) -> Option<(ptr::NonNull<u8>, &'static super::slab::Slab, bool)> {
+    match e {
+        AllocError::Uninit if start_thread() => thread_cache::alloc(class).ok(),
+        _ => None,
+    }
+}
+
+#[cold]
+#[inline(never)]
+fn alloc_big(size: usize, align: usize, zero: bool) -> *mut u8 {
+    if align > MAX_ALIGN || size > isize::MAX as usize - MAX_ALIGN {
+        return ptr::null_mut();
+    }
+    let bc = context::exec_index();
+    let bytes = size.next_multiple_of(PAGE).max(PAGE);
+    if charge(bc, bytes).is_err() {
+        return ptr::null_mut();
+    }
+    if bytes <= LARGE_MAX {
+        if let Some((r, zeroed)) = run::alloc_run(bytes / PAGE, align.max(PAGE), Kind::Large) {
+            r.tag.set(bc);
+            r.charged.set(bytes);
+            let p = run::head_of(r as *const run::Run as *const u8).run_start(r);
+            if zero && !zeroed {
+                // SAFETY: `p` starts a fresh run of `bytes` bytes.
+                unsafe { ptr::write_bytes(p, 0, bytes) };
+            }
+            return p;
+        }
+        // No segment can hold the run with its alignment slack: map it on its own.
+    }
+    match run::alloc_huge(size, align) {
+        Some(head) => {
+            head.tag.set(bc);
+            head.charged.set(bytes);
+            // Fresh mapping: already zero.
+            head.huge_object()
+        }
+        None => {
+            uncharge(bc, bytes);
+            ptr::null_mut()
+        }
+    }
+}
+
+fn charge(bc: u32, bytes: usize) -> Result<(), crate::Exceeded> {
+    let reg = handle::registry();
+    reg.charge(bc, Resource::Memory, 0, bytes as u64, Severity::Limit)?;
+    if let Err(e) = reg.charge(bc, Resource::Allocations, 1, 1, Severity::Limit) {
+        reg.uncharge(bc, 0, bytes as u64);
+        return Err(e);
+    }
+    Ok(())
+}
+
+fn uncharge(bc: u32, bytes: usize) {
+    let reg = handle::registry();
+    reg.uncharge(bc, 0, bytes as u64);
+    reg.uncharge(bc, 1, 1);
+}
+
+/// # Safety
+/// `ptr` is a live block of this allocator and `layout` the one it was allocated with.
+#[inline]
+unsafe fn deallocate(ptr: *mut u8, layout: Layout) {
+    // Sized free: the layout says whether this is a slab object, without reading the run.
+    if size_class::class_for(layout.size(), layout.align()).is_some() {
+        let head = run::head_of(ptr);
+        let slab = super::slab::Slab::of_run(head, head.run_of(ptr));
+        stock::uncharge_object(slab.tag(ptr), slab.size() as u64);
+        // SAFETY: `ptr` is a live object of `slab`, given up by the caller.
+        unsafe { thread_cache::free(slab, ptr) };
+        return;
+    }
+    free_big(ptr);
+}
+
+#[cold]
+#[inline(never)]
+fn free_big(ptr: *mut u8) {
+    match page_map::owner_of(ptr) {
+        Owner::Large(r) => {
+            uncharge(r.tag.get(), r.charged.get());
+            run::free_run(r);
+        }
+        Owner::Huge(head) => {
+            uncharge(head.tag.get(), head.charged.get());
+            run::free_huge(head);
+        }
+        Owner::Slab(_) => unreachable_slab(),
+    }
+}
+
+/// A block whose layout says "large" but whose memory is a slab: the caller broke the
+/// `GlobalAlloc` contract. Nothing sane can be done, and unwinding is not allowed.
+#[cold]
+fn unreachable_slab() {
+    std::process::abort();
+}
+
+/// # Safety
+/// As `GlobalAlloc::realloc`.
+unsafe fn reallocate(ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+    let align = layout.align();
+    let bc = context::exec_index();
+    match page_map::owner_of(ptr) {
+        Owner::Slab(s)
+            if size_class::class_for(new_size, align) == Some(s.class()) && s.tag(ptr) == bc =>
+        {
+            return ptr;
+        }
+        Owner::Large(r)
+            if r.tag.get() == bc && new_size > size_class::SMALL_MAX && new_size <= LARGE_MAX =>
+        {
+            let (have, want) = (r.charged.get(), new_size.next_multiple_of(PAGE));
+            if want <= have {
+                run::shrink_in_place(r, want / PAGE);
+                r.charged.set(want);
+                handle::registry().uncharge(bc, 0, (have - want) as u64);
+                return ptr;
+            }
+            let reg = handle::registry();
+            if reg
+                .charge(
+                    bc,
+                    Resource::Memory,
+                    0,
+                    (want - have) as u64,
+                    Severity::Limit,
+                )
+                .is_ok()
+            {
+                if run::grow_in_place(r, want / PAGE) {
+                    r.charged.set(want);
+                    return ptr;
+                }
+                reg.uncharge(bc, 0, (want - have) as u64);
+            }
+        }
+        Owner::Huge(head) if head.tag.get() == bc && new_size > LARGE_MAX => {
+            let (have, want) = (head.charged.get(), new_size.next_multiple_of(PAGE));
+            let reg = handle::registry();
+            let grow = want.saturating_sub(have) as u64;
+            if grow == 0
+                || reg
+                    .charge(bc, Resource::Memory, 0, grow, Severity::Limit)
+                    .is_ok()
+            {
+                if let Some(moved) = run::resize_huge(head, new_size) {
+                    moved.charged.set(want);
+                    if want < have {
+                        reg.uncharge(bc, 0, (have - want) as u64);
+                    }
+                    return moved.huge_object();
+                }
+                reg.uncharge(bc, 0, grow);
+            }
+        }
+        _ => {}
+    }
+    // Move: a new block charged to the current exec beancounter.
+    let Ok(new_layout) = Layout::from_size_align(new_size, align) else {
+        return ptr::null_mut();
+    };
+    let new = allocate(new_layout, false);
+    if !new.is_null() {
+        // SAFETY: both blocks are live, distinct, and at least min(old, new) bytes long.
+        unsafe {
+            ptr::copy_nonoverlapping(ptr, new, layout.size().min(new_size));
+            deallocate(ptr, layout);
+        }
+    }
+    new
+}
+
+// ---- thread start and exit, fork ---------------------------------------------------------
+
+/// The pthread key whose destructor runs at thread exit (0 = not created, else key + 1).
+static EXIT_KEY: AtomicU32 = AtomicU32::new(0);
+/// 0 = hooks not registered, 1 = being registered, 2 = registered.
+static HOOKS: AtomicU32 = AtomicU32::new(0);
+
+thread_local! {
+    /// Set while `start_thread` runs, so an allocation it triggers does not start again.
+    static STARTING: Cell<bool> = const { Cell::new(false) };
+}
+
+/// Gives this thread a heap and arranges for its heap and stock to be handed back at exit.
+#[cold]
+fn start_thread() -> bool {
+    if STARTING.try_with(|s| s.replace(true)).unwrap_or(true) {
+        return false;
+    }
+    let ok = thread_cache::init_current();
+    if ok {
+        register_hooks();
+        if let Some(key) = exit_key() {
+            // glibc keeps the values of the first 32 keys in the thread descriptor: no
+            // allocation. (Were it to allocate, the heap is already set up for it.)
+            // SAFETY: a valid key; the value only has to be non-null for the destructor
+            // to run.
+            unsafe { libc::pthread_setspecific(key, ptr::dangling::<libc::c_void>()) };
+        }
+    }
+    let _ = STARTING.try_with(|s| s.set(false));
+    ok
+}
+
+extern "C" fn on_thread_exit(_: *mut libc::c_void) {
+    stock::thread_exit();
+    thread_cache::abandon_current();
+}
+
+fn exit_key() -> Option<libc::pthread_key_t> {
+    let k = EXIT_KEY.load(Ordering::Acquire);
+    if k != 0 {
+        return Some(k - 1);
+    }
+    None
+}
+
+fn register_hooks() {
+    if HOOKS
+        .compare_exchange(0, 1, Ordering::AcqRel, Ordering::Acquire)
+        .is_err()
+    {
+        while HOOKS.load(Ordering::Acquire) == 1 {
+            std::thread::yield_now();
+        }
+        return;
+    }
+    let mut key: libc::pthread_key_t = 0;
+    // SAFETY: `key` is a valid out-pointer; the destructor is an `extern "C" fn` that never
+    // unwinds. pthread_key_create does not allocate.
+    if unsafe { libc::pthread_key_create(&mut key, Some(on_thread_exit)) } == 0 {
+        EXIT_KEY.store(key + 1, Ordering::Release);
+    }
+    // SAFETY: the handlers are `extern "C" fn`s that never unwind. glibc keeps the first 48
+    // fork handlers in static storage: no allocation.
+    unsafe { libc::pthread_atfork(Some(fork_prepare), Some(fork_parent), Some(fork_child)) };
+    HOOKS.store(2, Ordering::Release);
+}
+
+extern "C" fn fork_prepare() {
+    // Lock order: the registry and the stock table (never held while allocating), then the
+    // heap locks, then the run lock (taken under the heap locks).
+    handle::registry().lock_for_fork();
+    stock::lock_for_fork();
+    thread_cache::lock_for_fork();
+    run::lock_for_fork();
+}
+
+extern "C" fn fork_parent() {
+    // SAFETY: `fork_prepare` took these locks on this thread.
+    unsafe { unlock_all() }
+}
+
+extern "C" fn fork_child() {
+    // SAFETY: the child is a copy of the thread that ran `fork_prepare`.
+    unsafe { unlock_all() }
+}
+
+/// # Safety
+/// Only after `fork_prepare`.
+unsafe fn unlock_all() {
+    // SAFETY: each was locked by `fork_prepare` and its guard forgotten.
+    unsafe {
+        run::unlock_after_fork();
+        thread_cache::unlock_after_fork();
+        stock::unlock_after_fork();
+        handle::registry().unlock_after_fork();
+    }
+}
+
+/// Bytes the allocator has mapped for blocks (segments and huge mappings; the registry and
+/// stock tables excluded).
+pub fn mapped_bytes() -> usize {
+    run::mapped_bytes()
+}
+
+/// Checks the current thread's heap (every slab's free list against its counts) and the
+/// registry. Meaningful when no other thread frees into this thread's slabs; for tests.
+///
+/// # Errors
+/// A description of the first invariant found broken.
+pub fn check_heap() -> Result<(), &'static str> {
+    thread_cache::check_current()?;
+    run::check_invariants()
+}
+
+/// The OS refuses the next `n` mappings (test-only fault injection).
+#[doc(hidden)]
+pub fn fail_next_os_maps(n: u32) {
+    crate::os::failpoint::fail_next_maps(n);
+}
+
+/// Gives this thread's stock back to its beancounter, so that `held` equals true usage.
+pub fn drain_stock() {
+    stock::drain_current();
+}

@@ -1,0 +1,582 @@
+//! L1: page runs. Segments are 4 MiB-aligned mappings split into runs of 4 KiB pages;
+//! runs are split on allocation and coalesced with free neighbours on free; blocks above
+//! [`LARGE_MAX`] get a mapping of their own (*huge*).
+//!
+//! Glossary: *OS page* 4 KiB; *segment* a 4 MiB-aligned mapping whose first pages hold its
+//! metadata; *run* a span of consecutive pages of one segment, free or in use (a slab's
+//! pages, or one large block); *huge block* a block with its own mapping.
+//!
+//! ```text
+//! segment (4 MiB, aligned)                       huge mapping (aligned to 4 MiB)
+//! +--------+------+------------+------+----+     +------+-------------------------+
+//! | header | slab | large run  | free | .. |     | head | object (page-rounded)   |
+//! +--------+------+------------+------+----+     +------+-------------------------+
+//! header: SegmentHead, back[page], runs[page]
+//! ```
+//!
+//! All run changes happen under one lock. Slabs amortise it over their objects (a slab of
+//! 64-byte objects is taken once per ~250 allocations); large blocks take it on every
+//! allocation and free. Free runs are kept in bins by length; whole free segments beyond
+//! [`CACHED_EMPTY_SEGMENTS`] are unmapped at once, and free pages are purged
+//! (`MADV_DONTNEED`) once more than [`PURGE_THRESHOLD`] of them are dirty, so a workload
+//! that frees everything returns to its starting RSS.
+//!
+//! Invariants (checked by [`check_invariants`]): in every segment the runs tile the pages
+//! after the header; no two free runs are adjacent; every free run is in the bin of its
+//! length; `back[first] == 0` and `back[last] == pages - 1` for every run, and
+//! `back[p] == p - first` for every page of a slab.
+
+use crate::os::{self, PAGE};
+use crate::sync::Mutex;
+use core::cell::Cell;
+use core::ptr;
+
+pub(crate) const SEGMENT_SHIFT: usize = 22;
+/// Segment size and alignment.
+pub(crate) const SEGMENT: usize = 1 << SEGMENT_SHIFT;
+/// Pages per segment.
+pub(crate) const PAGES: usize = SEGMENT / PAGE;
+/// Largest block served from a segment's runs; larger ones are huge blocks.
+pub(crate) const LARGE_MAX: usize = 2 << 20;
+/// Largest alignment served: objects must not start on a segment boundary, where the
+/// metadata of the segment they belong to would be.
+pub(crate) const MAX_ALIGN: usize = SEGMENT / 2;
+/// Fully free segments kept mapped for reuse, so a workload that frees and reallocates a
+/// segment's worth of memory does not mmap/munmap each time.
+pub(crate) const CACHED_EMPTY_SEGMENTS: usize = 1;
+/// Free but not yet purged bytes tolerated before free runs are given back with
+/// `MADV_DONTNEED` (the hysteresis between RSS and reuse cost): 16 MiB, four segments.
+pub(crate) const PURGE_THRESHOLD: usize = 16 << 20;
+
+/// What a run is used for.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+#[repr(u8)]
+pub(crate) enum Kind {
+    Free = 0,
+    Slab = 1,
+    Large = 2,
+    Header = 3,
+}
+
+/// Metadata of the run starting at one page.
+#[repr(C)]
+pub(crate) struct Run {
+    kind: Cell<Kind>,
+    /// Free runs: every page reads zero (fresh or purged).
+    zeroed: Cell<bool>,
+    pages: Cell<u32>,
+    /// Large runs: the opaque owner tag and bytes charged, set by the allocator.
+    pub(crate) tag: Cell<u32>,
+    pub(crate) charged: Cell<usize>,
+    /// Free-run bin links.
+    next: Cell<*mut Run>,
+    prev: Cell<*mut Run>,
+}
+
+/// What every mapping this layer makes starts with.
+#[repr(C)]
+pub(crate) struct SegmentHead {
+    huge: bool,
+    /// Huge: the mapping's size and where the object starts in it.
+    map_size: usize,
+    offset: usize,
+    /// Huge: owner tag and bytes charged.
+    pub(crate) tag: Cell<u32>,
+    pub(crate) charged: Cell<usize>,
+    /// Normal: pages in use (not free), header excluded.
+    used_pages: Cell<u32>,
+}
+
+/// A normal segment's header.
+#[repr(C)]
+struct Segment {
+    head: SegmentHead,
+    /// `back[p]`: how many pages before `p` its run starts (set for the first and last
+    /// page of every run, and for every page of a slab).
+    back: [Cell<u16>; PAGES],
+    runs: [Run; PAGES],
+}
+
+/// Pages taken by a segment's own header.
+pub(crate) const HEADER_PAGES: usize = core::mem::size_of::<Segment>().div_ceil(PAGE);
+const USABLE_PAGES: usize = PAGES - HEADER_PAGES;
+
+// SAFETY: run and segment metadata are only changed under `RUNS`' lock, or by the one
+// owner of an allocated run (its kind and length are then stable); see the module docs.
+unsafe impl Sync for Run {}
+// SAFETY: as for `Run`.
+unsafe impl Sync for SegmentHead {}
+
+/// Bins of free runs: exact lengths 1..=32 pages, then one bin per power of two.
+const EXACT_BINS: usize = 32;
+const NUM_BINS: usize = EXACT_BINS + 6;
+
+fn bin_of(pages: usize) -> usize {
+    if pages <= EXACT_BINS {
+        pages - 1
+    } else {
+        // 33..=64 → 32, 65..=128 → 33, … , 513..=1024 → 36
+        (EXACT_BINS - 1 + (usize::BITS - (pages - 1).leading_zeros()) as usize - 5)
+            .min(NUM_BINS - 1)
+    }
+}
+
+struct State {
+    bins: [*mut Run; NUM_BINS],
+    empty_segments: usize,
+    dirty_pages: usize,
+    /// Pages mapped in segments and huge blocks, for statistics.
+    mapped_bytes: usize,
+}
+
+// SAFETY: the pointers refer to segment metadata, valid while mapped; `State` is only
+// reached through the lock.
+unsafe impl Send for State {}
+
+static RUNS: Mutex<State> = Mutex::new(State {
+    bins: [ptr::null_mut(); NUM_BINS],
+    empty_segments: 0,
+    dirty_pages: 0,
+    mapped_bytes: 0,
+});
+
+/// The head of the mapping `ptr` points into (any pointer handed out by this layer).
+#[inline]
+pub(crate) fn head_of(ptr: *const u8) -> &'static SegmentHead {
+    let base = (ptr as usize) & !(SEGMENT - 1);
+    // SAFETY: every pointer this layer hands out lies in a mapping aligned to SEGMENT that
+    // starts with a SegmentHead (normal segments at their base; huge objects start at
+    // most MAX_ALIGN < SEGMENT after theirs), and mappings live while their blocks do.
+    unsafe { &*(base as *const SegmentHead) }
+}
+
+impl SegmentHead {
+    #[inline]
+    pub(crate) fn is_huge(&self) -> bool {
+        self.huge
+    }
+
+    fn segment(&self) -> &Segment {
+        debug_assert!(!self.huge);
+        // SAFETY: a normal segment's head is the first field of its `Segment` header.
+        unsafe { &*(self as *const SegmentHead as *const Segment) }
+    }
+
+    fn base(&self) -> usize {
+        self as *const SegmentHead as usize
+    }
+
+    /// The run containing `ptr` (a slab's interior pointer, or a large block's start).
+    #[inline]
+    pub(crate) fn run_of(&self, ptr: *const u8) -> &Run {
+        let seg = self.segment();
+        let page = (ptr as usize - self.base()) >> 12;
+        let first = page - seg.back[page].get() as usize;
+        &seg.runs[first]
+    }
+
+    fn page_of(&self, run: &Run) -> usize {
+        (run as *const Run as usize - self.segment().runs.as_ptr() as usize)
+            / core::mem::size_of::<Run>()
+    }
+
+    fn run_at(&self, page: usize) -> &Run {
+        &self.segment().runs[page]
+    }
+
+    /// Address of the first byte of `run`.
+    #[inline]
+    pub(crate) fn run_start(&self, run: &Run) -> *mut u8 {
+        (self.base() + self.page_of(run) * PAGE) as *mut u8
+    }
+
+    /// Huge: where the object starts.
+    pub(crate) fn huge_object(&self) -> *mut u8 {
+        (self.base() + self.offset) as *mut u8
+    }
+}
+
+impl Run {
+    #[inline]
+    pub(crate) fn kind(&self) -> Kind {
+        self.kind.get()
+    }
+
+    #[inline]
+    pub(crate) fn pages(&self) -> usize {
+        self.pages.get() as usize
+    }
+
+    #[inline]
+    pub(crate) fn bytes(&self) -> usize {
+        self.pages() * PAGE
+    }
+}
+
+impl State {
+    fn push(&mut self, run: &Run) {
+        let b = bin_of(run.pages());
+        let head = self.bins[b];
+        run.prev.set(ptr::null_mut());
+        run.next.set(head);
+        if !head.is_null() {
+            // SAFETY: bin entries are free runs in mapped segments.
+            unsafe { (*head).prev.set(run as *const Run as *mut Run) };
+        }
+        self.bins[b] = run as *const Run as *mut Run;
+        if !run.zeroed.get() {
+            self.dirty_pages += run.pages();
+        }
+    }
+
+    fn unlink(&mut self, run: &Run) {
+        let (prev, next) = (run.prev.get(), run.next.get());
+        if prev.is_null() {
+            self.bins[bin_of(run.pages())] = next;
+        } else {
+            // SAFETY: bin neighbours are free runs in mapped segments.
+            unsafe { (*prev).next.set(next) };
+        }
+        if !next.is_null() {
+            // SAFETY: as above.
+            unsafe { (*next).prev.set(prev) };
+        }
+        if !run.zeroed.get() {
+            self.dirty_pages -= run.pages();
+        }
+    }
+
+    /// A free run of at least `pages` pages, unlinked.
+    fn take_fit(&mut self, pages: usize) -> Option<&'static Run> {
+        for b in bin_of(pages)..NUM_BINS {
+            let mut at = self.bins[b];
+            while !at.is_null() {
+                // SAFETY: bin entries are free runs in mapped segments, which stay mapped
+                // while they hold a free run.
+                let run: &'static Run = unsafe { &*at };
+                if run.pages() >= pages {
+                    self.unlink(run);
+                    if run.pages() == USABLE_PAGES {
+                        self.empty_segments -= 1;
+                    }
+                    return Some(run);
+                }
+                at = run.next.get();
+            }
+        }
+        None
+    }
+
+    fn new_segment(&mut self) -> Option<&'static Run> {
+        let base = os::map_aligned(SEGMENT, SEGMENT)?.as_ptr();
+        self.mapped_bytes += SEGMENT;
+        // SAFETY: a fresh, zeroed, SEGMENT-aligned mapping of SEGMENT bytes; zero bytes are a
+        // valid `Segment` (false, 0, Cells of 0 and null, Kind::Free = 0), so the header can be
+        // used in place; this thread is its only user.
+        let seg: &'static Segment = unsafe { &*(base as *const Segment) };
+        let header = &seg.runs[0];
+        header.kind.set(Kind::Header);
+        header.pages.set(HEADER_PAGES as u32);
+        let run = &seg.runs[HEADER_PAGES];
+        run.pages.set(USABLE_PAGES as u32);
+        run.zeroed.set(true);
+        seg.back[PAGES - 1].set((USABLE_PAGES - 1) as u16);
+        Some(run)
+    }
+
+    /// Marks `pages` pages at the start of free `run` as `kind` and returns the rest to
+    /// the bins.
+    fn carve(&mut self, run: &'static Run, pages: usize, kind: Kind) {
+        let head = head_of(run as *const Run as *const u8);
+        let seg = head.segment();
+        let first = head.page_of(run);
+        let rest = run.pages() - pages;
+        if rest > 0 {
+            let tail = &seg.runs[first + pages];
+            tail.kind.set(Kind::Free);
+            tail.pages.set(rest as u32);
+            tail.zeroed.set(run.zeroed.get());
+            seg.back[first + pages].set(0);
+            seg.back[first + pages + rest - 1].set((rest - 1) as u16);
+            self.push(tail);
+        }
+        run.kind.set(kind);
+        run.pages.set(pages as u32);
+        seg.back[first].set(0);
+        if kind == Kind::Slab {
+            for p in 1..pages {
+                seg.back[first + p].set(p as u16);
+            }
+        } else {
+            seg.back[first + pages - 1].set((pages - 1) as u16);
+        }
+        head.used_pages.set(head.used_pages.get() + pages as u32);
+    }
+
+    fn release(&mut self, run: &'static Run) {
+        let head = head_of(run as *const Run as *const u8);
+        let seg = head.segment();
+        let mut first = head.page_of(run);
+        let mut pages = run.pages();
+        head.used_pages.set(head.used_pages.get() - pages as u32);
+        if first + pages < PAGES {
+            let next = &seg.runs[first + pages];
+            if next.kind() == Kind::Free {
+                self.unlink(next);
+                pages += next.pages();
+            }
+        }
+        if first > HEADER_PAGES {
+            let before = first - 1 - seg.back[first - 1].get() as usize;
+            let prev = &seg.runs[before];
+            if prev.kind() == Kind::Free {
+                self.unlink(prev);
+                first = before;
+                pages += prev.pages();
+            }
+        }
+        let run = &seg.runs[first];
+        run.kind.set(Kind::Free);
+        run.pages.set(pages as u32);
+        // Coalescing with a zeroed neighbour still leaves the freed pages dirty.
+        run.zeroed.set(false);
+        seg.back[first].set(0);
+        seg.back[first + pages - 1].set((pages - 1) as u16);
+        if pages == USABLE_PAGES {
+            if self.empty_segments >= CACHED_EMPTY_SEGMENTS {
+                self.mapped_bytes -= SEGMENT;
+                // SAFETY: every page of the segment is free, so no block refers to it, and
+                // its only free run is not in a bin.
+                unsafe { os::unmap(head.base() as *mut u8, SEGMENT) };
+                return;
+            }
+            self.empty_segments += 1;
+        }
+        self.push(run);
+        if self.dirty_pages * PAGE > PURGE_THRESHOLD {
+            self.purge();
+        }
+    }
+
+    /// Splits the pages of free, unlinked `run` before the first `align`-aligned one off
+    /// into a free run of their own (back in a bin) and returns the aligned rest, unlinked.
+    fn align_front(&mut self, run: &'static Run, align: usize) -> &'static Run {
+        let head = head_of(run as *const Run as *const u8);
+        let seg = head.segment();
+        let start = head.run_start(run) as usize;
+        let skip = (start.next_multiple_of(align) - start) / PAGE;
+        if skip == 0 {
+            return run;
+        }
+        let first = head.page_of(run);
+        let total = run.pages();
+        let rest = &seg.runs[first + skip];
+        rest.kind.set(Kind::Free);
+        rest.pages.set((total - skip) as u32);
+        rest.zeroed.set(run.zeroed.get());
+        seg.back[first + skip].set(0);
+        seg.back[first + total - 1].set((total - skip - 1) as u16);
+        // The skipped pages stay free; their neighbour before was not free (free runs are
+        // never adjacent), so there is nothing to coalesce.
+        run.pages.set(skip as u32);
+        seg.back[first + skip - 1].set((skip - 1) as u16);
+        self.push(run);
+        rest
+    }
+
+    /// Gives every dirty free run back to the OS; they read as zero afterwards.
+    fn purge(&mut self) {
+        for b in 0..NUM_BINS {
+            let mut at = self.bins[b];
+            while !at.is_null() {
+                // SAFETY: bin entries are free runs in mapped segments.
+                let run = unsafe { &*at };
+                if !run.zeroed.get() {
+                    let head = head_of(at as *const u8);
+                    // SAFETY: a free run's pages hold no block; they are page-aligned and
+                    // inside the segment's mapping.
+                    unsafe { os::purge(head.run_start(run), run.bytes()) };
+                    run.zeroed.set(true);
+                }
+                at = run.next.get();
+            }
+        }
+        self.dirty_pages = 0;
+    }
+}
+
+/// A run of `pages` pages for a slab or a large block, aligned to `align` bytes
+/// (`PAGE <= align <= MAX_ALIGN`). Returns the run and whether its pages read as zero.
+pub(crate) fn alloc_run(pages: usize, align: usize, kind: Kind) -> Option<(&'static Run, bool)> {
+    debug_assert!((1..=USABLE_PAGES).contains(&pages) && kind != Kind::Free);
+    let slack = align / PAGE - 1;
+    if pages + slack > USABLE_PAGES {
+        return None;
+    }
+    let mut st = RUNS.lock();
+    let run = match st.take_fit(pages + slack) {
+        Some(run) => run,
+        None => st.new_segment()?,
+    };
+    let run = if slack > 0 {
+        st.align_front(run, align)
+    } else {
+        run
+    };
+    let zeroed = run.zeroed.get();
+    st.carve(run, pages, kind);
+    Some((run, zeroed))
+}
+
+/// Returns an allocated run's pages.
+pub(crate) fn free_run(run: &'static Run) {
+    debug_assert!(matches!(run.kind(), Kind::Slab | Kind::Large));
+    RUNS.lock().release(run);
+}
+
+/// Grows a large run in place to `pages` pages if the pages after it are free.
+pub(crate) fn grow_in_place(run: &'static Run, pages: usize) -> bool {
+    let head = head_of(run as *const Run as *const u8);
+    let first = head.page_of(run);
+    let have = run.pages();
+    if pages <= have {
+        return true;
+    }
+    if first + pages > PAGES {
+        return false;
+    }
+    let mut st = RUNS.lock();
+    let next = head.run_at(first + have);
+    if next.kind() != Kind::Free || have + next.pages() < pages {
+        return false;
+    }
+    st.unlink(next);
+    // Take the pages needed from the front of `next` (`carve` returns the rest to a bin),
+    // then merge them into `run`: only a run's first and last `back` entries matter.
+    st.carve(next, pages - have, Kind::Large);
+    run.pages.set(pages as u32);
+    head.segment().back[first + pages - 1].set((pages - 1) as u16);
+    true
+}
+
+/// Shrinks a large run in place to `pages` pages, freeing the tail.
+pub(crate) fn shrink_in_place(run: &'static Run, pages: usize) {
+    let have = run.pages();
+    if pages >= have {
+        return;
+    }
+    let head = head_of(run as *const Run as *const u8);
+    let first = head.page_of(run);
+    let seg = head.segment();
+    let mut st = RUNS.lock();
+    run.pages.set(pages as u32);
+    seg.back[first + pages - 1].set((pages - 1) as u16);
+    let tail = &seg.runs[first + pages];
+    tail.kind.set(Kind::Large);
+    tail.pages.set((have - pages) as u32);
+    seg.back[first + pages].set(0);
+    seg.back[first + have - 1].set((have - pages - 1) as u16);
+    st.release(tail);
+}
+
+/// Maps a huge block of at least `size` bytes aligned to `align`; returns the head (with
+/// the object at `huge_object()`, zeroed).
+pub(crate) fn alloc_huge(size: usize, align: usize) -> Option<&'static SegmentHead> {
+    let offset = align.max(PAGE);
+    let map_size = offset.checked_add(size.checked_next_multiple_of(PAGE)?)?;
+    if map_size > isize::MAX as usize - SEGMENT {
+        return None;
+    }
+    let base = os::map_aligned(map_size, SEGMENT)?.as_ptr();
+    // SAFETY: a fresh zeroed mapping; its first bytes become the head, which nothing else
+    // refers to yet.
+    let head = unsafe { &mut *(base as *mut SegmentHead) };
+    head.huge = true;
+    head.map_size = map_size;
+    head.offset = offset;
+    RUNS.lock().mapped_bytes += map_size;
+    Some(head)
+}
+
+/// Unmaps a huge block.
+pub(crate) fn free_huge(head: &'static SegmentHead) {
+    let (base, size) = (head.base() as *mut u8, head.map_size);
+    RUNS.lock().mapped_bytes -= size;
+    // SAFETY: the block is being freed: nothing refers to its mapping any more.
+    unsafe { os::unmap(base, size) };
+}
+
+/// Resizes a huge block's mapping to hold `size` bytes from its object; moves the pages
+/// (keeping the alignment) if it cannot grow in place. Returns the new head.
+pub(crate) fn resize_huge(head: &'static SegmentHead, size: usize) -> Option<&'static SegmentHead> {
+    let old = head.map_size;
+    let new = head
+        .offset
+        .checked_add(size.checked_next_multiple_of(PAGE)?)?;
+    let base = head.base() as *mut u8;
+    // SAFETY: the mapping is this block's, whole, and SEGMENT-aligned.
+    let moved = unsafe { os::remap_aligned(base, old, new, SEGMENT) }?;
+    // SAFETY: the head moved with the mapping's first page; this thread owns the block.
+    let head = unsafe { &mut *(moved.as_ptr() as *mut SegmentHead) };
+    head.map_size = new;
+    let mut st = RUNS.lock();
+    st.mapped_bytes = st.mapped_bytes + new - old;
+    Some(head)
+}
+
+/// Bytes mapped for blocks and slabs (segments and huge mappings).
+pub(crate) fn mapped_bytes() -> usize {
+    RUNS.lock().mapped_bytes
+}
+
+/// Takes the run lock around `fork()` so the child does not inherit it held mid-change.
+pub(crate) fn lock_for_fork() {
+    core::mem::forget(RUNS.lock());
+}
+
+/// Releases the lock taken by [`lock_for_fork`], in the parent and in the child.
+///
+/// # Safety
+/// Only after `lock_for_fork` on this thread (or in the child of the thread that did).
+pub(crate) unsafe fn unlock_after_fork() {
+    // SAFETY: as the caller promises, the lock is held by the fork protocol.
+    unsafe { RUNS.force_unlock() };
+}
+
+/// Checks the free runs: each in the bin of its length, marked free, with its `back`
+/// entries right, and with no free neighbour (free runs always coalesce). For tests.
+pub(crate) fn check_invariants() -> Result<(), &'static str> {
+    let st = RUNS.lock();
+    let mut dirty = 0;
+    for (b, &first) in st.bins.iter().enumerate() {
+        let mut at = first;
+        while !at.is_null() {
+            // SAFETY: bin entries are free runs in mapped segments; the lock is held.
+            let run = unsafe { &*at };
+            if run.kind() != Kind::Free || bin_of(run.pages()) != b {
+                return Err("a binned run is not free, or in the wrong bin");
+            }
+            let head = head_of(at as *const u8);
+            let seg = head.segment();
+            let p = head.page_of(run);
+            let n = run.pages();
+            if p < HEADER_PAGES || p + n > PAGES {
+                return Err("a free run outside its segment's usable pages");
+            }
+            if seg.back[p].get() != 0 || seg.back[p + n - 1].get() as usize != n - 1 {
+                return Err("a free run's back entries are wrong");
+            }
+            if p + n < PAGES && seg.runs[p + n].kind() == Kind::Free {
+                return Err("two free runs are adjacent");
+            }
+            if !run.zeroed.get() {
+                dirty += n;
+            }
+            at = run.next.get();
+        }
+    }
+    if dirty != st.dirty_pages {
+        return Err("dirty page count differs from the dirty free runs");
+    }
+    Ok(())
+}

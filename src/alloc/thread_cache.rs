@@ -1,0 +1,449 @@
+//! L3: per-thread heaps. One bin per size class, each with a current slab and a list of
+//! slabs that have free objects; refill from remote frees, handed-back slabs, or a new run;
+//! abandon at thread exit and reclaim by live threads.
+//!
+//! Call tree of a small allocation:
+//!
+//! ```text
+//! alloc(class)                      fast: TLS heap → bin.cur → Slab::pop (no atomic RMW)
+//! └─ alloc_slow(heap, class)        cold
+//!    ├─ heap is EMPTY  → Uninit (the caller starts the thread: init_current)
+//!    ├─ heap is DEAD   → the shared heap, under its lock
+//!    └─ Heap::refill(class)
+//!       ├─ drain_returned()         slabs handed back by remote frees
+//!       ├─ cur.collect()            objects other threads freed into the current slab
+//!       ├─ park cur, next partial   a full slab is set aside until a remote free
+//!       ├─ reclaim_abandoned()      empty slabs of exited threads back to the run layer
+//!       └─ Slab::create()           a new run
+//! ```
+//!
+//! A free by the owning thread pushes onto the slab's own list; by any other thread onto
+//! the slab's remote list (one CAS), which hands a parked slab back to its owner.
+//!
+//! Thread exit ([`abandon_current`]): empty slabs go back to the run layer, the rest stay
+//! with the heap, which goes on the abandoned list; a new thread adopts an abandoned heap
+//! whole before making a new one, and live threads collect abandoned heaps' remote frees
+//! (returning emptied slabs) whenever they need a new slab. Objects in abandoned slabs stay
+//! valid and can be freed from anywhere.
+
+use super::remote::{Linked, ReturnStack};
+use super::run::{self, Kind};
+use super::size_class::NUM_CLASSES;
+use super::slab::{self, Place, Slab};
+use crate::os::PAGE;
+use crate::sync::{AtomicBool, Mutex, Ordering};
+use core::cell::Cell;
+use core::ptr::{self, NonNull};
+
+struct Bin {
+    /// The slab allocations come from; `slab::EMPTY` when none.
+    cur: Cell<*const Slab>,
+    /// Slabs with free objects (doubly linked through `Slab::next/prev`).
+    partial: Cell<*mut Slab>,
+}
+
+impl Bin {
+    const fn new() -> Bin {
+        Bin {
+            cur: Cell::new(&slab::EMPTY),
+            partial: Cell::new(ptr::null_mut()),
+        }
+    }
+
+    fn push_partial(&self, s: &Slab) {
+        s.place.set(Place::Partial);
+        s.prev.set(ptr::null_mut());
+        s.next.set(self.partial.get());
+        if let Some(head) = ptr_ref(self.partial.get()) {
+            head.prev.set(s as *const Slab as *mut Slab);
+        }
+        self.partial.set(s as *const Slab as *mut Slab);
+    }
+
+    fn remove_partial(&self, s: &Slab) {
+        debug_assert_eq!(s.place.get(), Place::Partial);
+        match ptr_ref(s.prev.get()) {
+            Some(prev) => prev.next.set(s.next.get()),
+            None => self.partial.set(s.next.get()),
+        }
+        if let Some(next) = ptr_ref(s.next.get()) {
+            next.prev.set(s.prev.get());
+        }
+    }
+
+    fn pop_partial(&self) -> Option<&'static Slab> {
+        let s = ptr_ref(self.partial.get())?;
+        self.remove_partial(s);
+        Some(s)
+    }
+}
+
+/// Slabs linked from a heap are live runs; a null link is the end of a list.
+fn ptr_ref(p: *const Slab) -> Option<&'static Slab> {
+    // SAFETY: every non-null slab pointer kept in a bin list or handed back on a return
+    // stack points to the metadata of a slab run that is not freed while it is linked.
+    unsafe { p.as_ref() }
+}
+
+/// A thread's heap.
+pub(crate) struct Heap {
+    bins: [Bin; NUM_CLASSES],
+    /// Parked slabs handed back by remote frees.
+    returned: ReturnStack<Slab>,
+    /// Link on the abandoned list.
+    next_abandoned: Cell<*mut Heap>,
+}
+
+// SAFETY: a heap's cells are used by its one owner thread (or under the lock that makes a
+// thread its temporary owner: the shared heap's, or the abandoned list's); `returned` is a
+// lock-free stack.
+unsafe impl Sync for Heap {}
+
+impl Heap {
+    const fn new() -> Heap {
+        Heap {
+            bins: [const { Bin::new() }; NUM_CLASSES],
+            returned: ReturnStack::new(),
+            next_abandoned: Cell::new(ptr::null_mut()),
+        }
+    }
+
+    fn id(&self) -> usize {
+        self as *const Heap as usize
+    }
+
+    /// Maps a new heap (metadata: not charged to anyone).
+    fn create() -> Option<&'static Heap> {
+        let pages = core::mem::size_of::<Heap>().div_ceil(PAGE);
+        let (run, _) = run::alloc_run(pages, PAGE, Kind::Large)?;
+        let at = run::head_of(run as *const run::Run as *const u8).run_start(run) as *mut Heap;
+        // SAFETY: a fresh run of enough pages, page-aligned, used by nothing else.
+        unsafe {
+            at.write(Heap::new());
+            Some(&*at)
+        }
+    }
+
+    /// Owner: an object of `class`, and whether it reads as zero.
+    #[inline]
+    fn alloc(&self, class: usize) -> Option<(NonNull<u8>, &'static Slab, bool)> {
+        let s = self.bins[class].cur.get();
+        // SAFETY: `cur` is `slab::EMPTY` or a live slab owned by this heap.
+        let s: &'static Slab = unsafe { &*s };
+        match s.pop() {
+            Some((p, zeroed)) => Some((p, s, zeroed)),
+            None => self.refill(class),
+        }
+    }
+
+    #[cold]
+    #[inline(never)]
+    fn refill(&self, class: usize) -> Option<(NonNull<u8>, &'static Slab, bool)> {
+        self.drain_returned();
+        let bin = &self.bins[class];
+        if let Some(cur) = ptr_ref(bin.cur.get()).filter(|s| !ptr::eq(*s, &slab::EMPTY)) {
+            if cur.collect() == 0 && cur.remote.park() {
+                // Full, and nothing freed into it: set it aside until a remote free hands
+                // it back.
+                cur.place.set(Place::Parked);
+                bin.cur.set(&slab::EMPTY);
+            } else {
+                // Objects were freed into it (maybe just now, making the park fail).
+                cur.collect();
+                if let Some((p, z)) = cur.pop() {
+                    return Some((p, cur, z));
+                }
+            }
+        }
+        let s = match bin.pop_partial() {
+            Some(s) => {
+                s.collect();
+                s
+            }
+            None => {
+                reclaim_abandoned();
+                Slab::create(class, self.id())?
+            }
+        };
+        s.place.set(Place::Current);
+        bin.cur.set(s);
+        s.pop().map(|(p, z)| (p, s, z))
+    }
+
+    /// Owner: puts slabs handed back by remote frees where they belong.
+    fn drain_returned(&self) {
+        let mut at = self.returned.take_all();
+        while let Some(s) = ptr_ref(at) {
+            // SAFETY: `at` came off this heap's return stack: a live slab of this heap.
+            at = unsafe { Slab::link(at) };
+            debug_assert_eq!(s.place.get(), Place::Parked);
+            s.collect_returned();
+            if s.used() == 0 {
+                s.destroy();
+            } else {
+                self.bins[s.class()].push_partial(s);
+            }
+        }
+    }
+
+    /// Owner: takes back an object of its own slab.
+    #[inline]
+    fn free_local(&self, s: &'static Slab, p: *mut u8) {
+        // SAFETY: `p` is an object of `s` in use, and this heap owns `s`.
+        let used = unsafe { s.push_local(p) };
+        if used == 0 || s.place.get() == Place::Parked {
+            self.free_local_slow(s, used);
+        }
+    }
+
+    #[cold]
+    #[inline(never)]
+    fn free_local_slow(&self, s: &'static Slab, used: u32) {
+        let bin = &self.bins[s.class()];
+        match s.place.get() {
+            // Not parked any more: it has a free object. If a remote free got there first,
+            // the slab is on the return stack and `drain_returned` places it.
+            Place::Parked if s.remote.unpark() => {
+                if used == 0 {
+                    s.destroy();
+                } else {
+                    bin.push_partial(s);
+                }
+            }
+            Place::Partial if used == 0 => {
+                bin.remove_partial(s);
+                s.destroy();
+            }
+            // An empty current slab stays: the next allocation of its class reuses it.
+            _ => {}
+        }
+    }
+
+    /// Owner: collects every slab's remote frees and gives empty slabs back. With
+    /// `keep_current == false` the current slabs are moved to the partial lists too (at
+    /// thread exit).
+    fn collect_all(&self, keep_current: bool) {
+        self.drain_returned();
+        for bin in &self.bins {
+            if let Some(cur) = ptr_ref(bin.cur.get()).filter(|s| !ptr::eq(*s, &slab::EMPTY)) {
+                if !keep_current {
+                    bin.cur.set(&slab::EMPTY);
+                    bin.push_partial(cur);
+                }
+            }
+            let mut at = bin.partial.get();
+            while let Some(s) = ptr_ref(at) {
+                at = s.next.get();
+                s.collect();
+                if s.used() == 0 {
+                    bin.remove_partial(s);
+                    s.destroy();
+                }
+            }
+        }
+    }
+}
+
+/// The heap a thread starts with: all bins empty, so its first allocation takes the slow
+/// path, which gives the thread a heap of its own.
+static EMPTY_HEAP: Heap = Heap::new();
+/// The heap of a thread that has exited (or is between exit and teardown): allocations go
+/// to the shared heap.
+static DEAD_HEAP: Heap = Heap::new();
+
+thread_local! {
+    static HEAP: Cell<*const Heap> = const { Cell::new(&EMPTY_HEAP) };
+}
+
+/// A heap pointer kept under a lock.
+struct HeapPtr(*mut Heap);
+
+// SAFETY: heaps are mapped for good and used by one thread at a time (the lock's holder).
+unsafe impl Send for HeapPtr {}
+
+/// Threads whose heap is gone use this one, under its lock.
+static SHARED: Mutex<HeapPtr> = Mutex::new(HeapPtr(ptr::null_mut()));
+
+/// Heaps of exited threads, linked through `next_abandoned`.
+static ABANDONED: Mutex<HeapPtr> = Mutex::new(HeapPtr(ptr::null_mut()));
+static ANY_ABANDONED: AtomicBool = AtomicBool::new(false);
+
+#[inline]
+fn current() -> &'static Heap {
+    let h = HEAP.try_with(|h| h.get()).unwrap_or(&DEAD_HEAP);
+    // SAFETY: the TLS holds `EMPTY_HEAP`, `DEAD_HEAP`, or a heap mapped by `Heap::create`,
+    // which is never unmapped.
+    unsafe { &*h }
+}
+
+/// Why a small allocation failed.
+pub(crate) enum AllocError {
+    /// The thread has no heap yet: call [`init_current`] and retry.
+    Uninit,
+    /// The OS refused memory.
+    OutOfMemory,
+}
+
+/// An object of `class` for the current thread, its slab, and whether it reads as zero.
+#[inline]
+pub(crate) fn alloc(class: usize) -> Result<(NonNull<u8>, &'static Slab, bool), AllocError> {
+    let heap = current();
+    let s = heap.bins[class].cur.get();
+    // SAFETY: `cur` is `slab::EMPTY` or a live slab owned by this thread's heap.
+    let s: &'static Slab = unsafe { &*s };
+    match s.pop() {
+        Some((p, zeroed)) => Ok((p, s, zeroed)),
+        None => alloc_slow(heap, class),
+    }
+}
+
+#[cold]
+#[inline(never)]
+fn alloc_slow(
+    heap: &'static Heap,
+    class: usize,
+) -> Result<(NonNull<u8>, &'static Slab, bool), AllocError> {
+    if ptr::eq(heap, &EMPTY_HEAP) {
+        return Err(AllocError::Uninit);
+    }
+    if ptr::eq(heap, &DEAD_HEAP) {
+        let mut shared = SHARED.lock();
+        if shared.0.is_null() {
+            let h = Heap::create().ok_or(AllocError::OutOfMemory)?;
+            shared.0 = h as *const Heap as *mut Heap;
+        }
+        // SAFETY: set above or earlier to a heap that is never unmapped; the lock makes this
+        // thread its owner for the call.
+        let h = unsafe { &*shared.0 };
+        return h.alloc(class).ok_or(AllocError::OutOfMemory);
+    }
+    heap.refill(class).ok_or(AllocError::OutOfMemory)
+}
+
+/// Frees object `p` of slab `s`, from any thread.
+///
+/// # Safety
+/// `p` is an object of `s` in use, given up by the caller.
+#[inline]
+pub(crate) unsafe fn free(s: &'static Slab, p: *mut u8) {
+    let heap = current();
+    if s.owner.load(Ordering::Relaxed) == heap.id() {
+        heap.free_local(s, p);
+    } else {
+        free_remote(s, p);
+    }
+}
+
+#[inline(never)]
+fn free_remote(s: &'static Slab, p: *mut u8) {
+    // SAFETY: `p` is a freed object of `s` (8-aligned: classes are multiples of 8).
+    if unsafe { s.remote.push(p.cast()) } {
+        // We un-parked it: hand the slab back to its owner heap, which lives for good.
+        let owner = s.owner.load(Ordering::Relaxed) as *const Heap;
+        // SAFETY: slab owners are heaps from `Heap::create`, never unmapped; the slab was
+        // parked, so it is on no stack, and only this thread won the right to push it.
+        unsafe { (*owner).returned.push(s as *const Slab as *mut Slab) };
+    }
+}
+
+/// Gives the current thread a heap: an abandoned one if any, else a new one. Returns false
+/// if the OS refused memory (the thread stays without a heap and may retry).
+pub(crate) fn init_current() -> bool {
+    // Allocations made while this runs (none are expected) use the shared heap.
+    let _ = HEAP.try_with(|h| h.set(&DEAD_HEAP));
+    let heap = pop_abandoned().or_else(Heap::create);
+    let _ = HEAP.try_with(|h| h.set(heap.map_or(&EMPTY_HEAP as *const Heap, |h| h as *const Heap)));
+    heap.is_some()
+}
+
+/// Thread exit: returns empty slabs, then leaves the heap for another thread to adopt.
+/// Later allocations of this thread use the shared heap.
+pub(crate) fn abandon_current() {
+    let heap = current();
+    let _ = HEAP.try_with(|h| h.set(&DEAD_HEAP));
+    if ptr::eq(heap, &EMPTY_HEAP) || ptr::eq(heap, &DEAD_HEAP) {
+        return;
+    }
+    heap.collect_all(false);
+    let mut list = ABANDONED.lock();
+    heap.next_abandoned.set(list.0);
+    list.0 = heap as *const Heap as *mut Heap;
+    ANY_ABANDONED.store(true, Ordering::Relaxed);
+}
+
+fn pop_abandoned() -> Option<&'static Heap> {
+    if !ANY_ABANDONED.load(Ordering::Relaxed) {
+        return None;
+    }
+    let mut list = ABANDONED.lock();
+    // SAFETY: heaps on the list are mapped for good; the lock gives us the list.
+    let heap = unsafe { list.0.as_ref()? };
+    list.0 = heap.next_abandoned.get();
+    ANY_ABANDONED.store(!list.0.is_null(), Ordering::Relaxed);
+    Some(heap)
+}
+
+/// Collects the remote frees of one abandoned heap and gives its emptied slabs back, then
+/// puts it back at the end of the list (so successive calls visit every heap).
+fn reclaim_abandoned() {
+    let Some(heap) = pop_abandoned() else { return };
+    // Popped: this thread is the heap's only owner until it is pushed back.
+    heap.collect_all(false);
+    let mut list = ABANDONED.lock();
+    heap.next_abandoned.set(ptr::null_mut());
+    match last_of(list.0) {
+        Some(last) => last.next_abandoned.set(heap as *const Heap as *mut Heap),
+        None => list.0 = heap as *const Heap as *mut Heap,
+    }
+    ANY_ABANDONED.store(true, Ordering::Relaxed);
+}
+
+fn last_of(mut at: *mut Heap) -> Option<&'static Heap> {
+    // SAFETY: heaps on the abandoned list are mapped for good; the caller holds its lock.
+    let mut last = unsafe { at.as_ref()? };
+    while let Some(next) = {
+        at = last.next_abandoned.get();
+        // SAFETY: as above.
+        unsafe { at.as_ref() }
+    } {
+        last = next;
+    }
+    Some(last)
+}
+
+/// Takes the heap locks around `fork()`.
+pub(crate) fn lock_for_fork() {
+    core::mem::forget(ABANDONED.lock());
+    core::mem::forget(SHARED.lock());
+}
+
+/// Releases the locks taken by [`lock_for_fork`].
+///
+/// # Safety
+/// Only after `lock_for_fork`, in the parent or the child.
+pub(crate) unsafe fn unlock_after_fork() {
+    // SAFETY: both were locked by `lock_for_fork` and their guards forgotten.
+    unsafe {
+        SHARED.force_unlock();
+        ABANDONED.force_unlock();
+    }
+}
+
+/// The owner's invariants of every slab of the current thread's heap (for tests).
+pub(crate) fn check_current() -> Result<(), &'static str> {
+    let heap = current();
+    heap.drain_returned();
+    for bin in &heap.bins {
+        let mut at = bin.partial.get();
+        while let Some(s) = ptr_ref(at) {
+            s.collect();
+            s.check_invariants()?;
+            at = s.next.get();
+        }
+        if let Some(cur) = ptr_ref(bin.cur.get()) {
+            cur.collect();
+            cur.check_invariants()?;
+        }
+    }
+    Ok(())
+}
