@@ -7,7 +7,8 @@
 //! ptr ──mask──▶ SegmentHead ──huge?──▶ Huge(head)
 //!                    │ page = (ptr - base) / 4 KiB
 //!                    ▼
-//!              back[page] ──▶ Run ──kind──▶ Large(run) | Slab(run end - SLAB_META)
+//!              back[page] ──▶ first page ──▶ runs[first].kind ──▶ Large(run)
+//!                                                   └──────────▶ Slab(payload[first])
 //! ```
 
 use super::run::{self, Kind, Run, SegmentHead};
@@ -29,7 +30,7 @@ pub(crate) fn owner_of(ptr: *const u8) -> Owner {
     }
     let run = head.run_of(ptr);
     match run.kind() {
-        Kind::Slab => Owner::Slab(Slab::of_run(head, run)),
+        Kind::Slab => Owner::Slab(Slab::of(ptr)),
         _ => {
             debug_assert_eq!(run.kind(), Kind::Large);
             Owner::Large(run)

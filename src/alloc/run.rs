@@ -58,8 +58,9 @@ pub(crate) enum Kind {
     Header = 3,
 }
 
-/// Metadata of the run starting at one page.
-#[repr(C)]
+/// Metadata of the run starting at one page. One cache line, so that the runs of a segment
+/// never share one and a page's entry is found with a shift.
+#[repr(C, align(64))]
 pub(crate) struct Run {
     kind: Cell<Kind>,
     /// Free runs: every page reads zero (fresh or purged).
@@ -87,6 +88,15 @@ pub(crate) struct SegmentHead {
     used_pages: Cell<u32>,
 }
 
+/// Bytes of metadata space the layer above gets with every run (a slab keeps its `Slab`
+/// there). In the segment header, not in the run: metadata at a fixed offset inside pages
+/// would put every slab's hot line in the same L1 cache set.
+pub(crate) const RUN_PAYLOAD: usize = 128;
+
+/// The payload space of one run; zero when the segment is fresh.
+#[repr(C, align(64))]
+pub(crate) struct Payload([u8; RUN_PAYLOAD]);
+
 /// A normal segment's header.
 #[repr(C)]
 struct Segment {
@@ -95,6 +105,7 @@ struct Segment {
     /// page of every run, and for every page of a slab).
     back: [Cell<u16>; PAGES],
     runs: [Run; PAGES],
+    payload: [Payload; PAGES],
 }
 
 /// Pages taken by a segment's own header.
@@ -166,13 +177,30 @@ impl SegmentHead {
         self as *const SegmentHead as usize
     }
 
+    /// The first page of the run containing `ptr` (a slab's interior pointer, or a large
+    /// block's start).
+    #[inline]
+    fn first_page(&self, ptr: *const u8) -> usize {
+        let page = (ptr as usize - self.base()) >> 12;
+        page - self.segment().back[page].get() as usize
+    }
+
     /// The run containing `ptr` (a slab's interior pointer, or a large block's start).
     #[inline]
     pub(crate) fn run_of(&self, ptr: *const u8) -> &Run {
-        let seg = self.segment();
-        let page = (ptr as usize - self.base()) >> 12;
-        let first = page - seg.back[page].get() as usize;
-        &seg.runs[first]
+        &self.segment().runs[self.first_page(ptr)]
+    }
+
+    /// The payload space of the run containing `ptr`: `RUN_PAYLOAD` bytes, 64-aligned,
+    /// owned by whoever allocated the run.
+    #[inline]
+    pub(crate) fn payload_of(&self, ptr: *const u8) -> *mut u8 {
+        &self.segment().payload[self.first_page(ptr)] as *const Payload as *mut u8
+    }
+
+    /// The payload space of `run`.
+    pub(crate) fn payload(&self, run: &Run) -> *mut u8 {
+        &self.segment().payload[self.page_of(run)] as *const Payload as *mut u8
     }
 
     fn page_of(&self, run: &Run) -> usize {
@@ -580,3 +608,6 @@ pub(crate) fn check_invariants() -> Result<(), &'static str> {
     }
     Ok(())
 }
+
+// SAFETY: the payload is plain bytes handed to the run's user; see `Run`.
+unsafe impl Sync for Payload {}

@@ -10,8 +10,8 @@
 //! | 129–32 768 | a quarter of the power of two below | < 25 % of the request |
 //!
 //! Each class has a slab geometry: how many OS pages one slab spans and how many objects it
-//! holds. A slab is `[objects][4-byte owner tag per object][metadata]`: no header before
-//! objects, and objects start page-aligned. Slabs are sized so that at least eight objects fit (four above 8 KiB) and the
+//! holds. A slab is `[objects][4-byte owner tag per object]`, its metadata in the segment
+//! header: no header before objects, and objects start page-aligned. Slabs are sized so that at least eight objects fit (four above 8 KiB) and the
 //! tail that fits no object is small; [`CLASSES`] lists them.
 
 use crate::os::PAGE;
@@ -24,9 +24,6 @@ pub(crate) const NUM_CLASSES: usize = 41;
 
 /// Bytes of owner tag per object, stored after the objects of a slab.
 pub(crate) const TAG_BYTES: usize = 4;
-
-/// Bytes at the end of every slab for its metadata (`slab::Slab`).
-pub(crate) const SLAB_META: usize = 128;
 
 /// One class: object size and slab geometry.
 #[derive(Clone, Copy, Debug)]
@@ -58,7 +55,7 @@ const fn class_size(c: usize) -> usize {
 const fn geometry(size: usize) -> (u32, u32) {
     let min_objects = if size > 8 * 1024 { 4 } else { 8 };
     // At least 16 KiB and `min_objects` objects with their tags.
-    let mut base = (min_objects * (size + TAG_BYTES) + SLAB_META).div_ceil(PAGE);
+    let mut base = (min_objects * (size + TAG_BYTES)).div_ceil(PAGE);
     if base < 4 {
         base = 4;
     }
@@ -67,7 +64,7 @@ const fn geometry(size: usize) -> (u32, u32) {
     let mut best_waste = usize::MAX;
     let mut pages = base;
     while pages <= 2 * base {
-        let bytes = pages * PAGE - SLAB_META;
+        let bytes = pages * PAGE;
         let cap = bytes / (size + TAG_BYTES);
         let waste = bytes - cap * (size + TAG_BYTES);
         // Compare waste per byte of slab: waste/bytes < best_waste/best_bytes.
@@ -79,7 +76,7 @@ const fn geometry(size: usize) -> (u32, u32) {
     }
     (
         best_pages as u32,
-        ((best_pages * PAGE - SLAB_META) / (size + TAG_BYTES)) as u32,
+        ((best_pages * PAGE) / (size + TAG_BYTES)) as u32,
     )
 }
 
@@ -193,7 +190,7 @@ mod tests {
     #[test]
     fn slabs_hold_enough_objects_and_tags() {
         for (c, k) in CLASSES.iter().enumerate() {
-            let bytes = k.pages as usize * PAGE - SLAB_META;
+            let bytes = k.pages as usize * PAGE;
             assert!(k.capacity >= 4, "class {c}");
             assert!(k.capacity as usize * (k.size as usize + TAG_BYTES) <= bytes);
             // Tail waste at most an eighth of the slab.

@@ -5,8 +5,10 @@
 //! multiple of an alignment up to 4 KiB serves that alignment):
 //!
 //! ```text
-//! [ object 0 | object 1 | … | object cap-1 | tag 0 | … | tag cap-1 | (tail) | Slab ]
+//! [ object 0 | object 1 | … | object cap-1 | tag 0 | … | tag cap-1 | (tail) ]
 //! ```
+//!
+//! The `Slab` itself lives in the run's payload space in the segment header.
 //!
 //! A tag is 4 opaque bytes the layer above stores per object (the accounting owner); the
 //! slab never interprets it. There is no header in front of objects.
@@ -20,8 +22,9 @@
 //! other threads freed and the owner has not collected yet.
 
 use super::remote::{Block, Linked, RemoteList};
-use super::run::{self, Run, SegmentHead};
-use super::size_class::{Class, CLASSES, SLAB_META};
+use super::run::RUN_PAYLOAD;
+use super::run::{self, Run};
+use super::size_class::{Class, CLASSES};
 use crate::os::PAGE;
 use crate::sync::AtomicUsize;
 use core::cell::Cell;
@@ -36,9 +39,11 @@ pub(crate) enum Place {
     Partial,
     /// Set aside as full; a remote free hands it back.
     Parked,
+    /// Empty, kept by its bin for the next refill.
+    Spare,
 }
 
-/// A slab's metadata, in the last `SLAB_META` bytes of its run.
+/// A slab's metadata, in its run's payload space in the segment header.
 #[repr(C, align(64))]
 pub(crate) struct Slab {
     // Owner fields, read on every allocation and local free.
@@ -65,7 +70,7 @@ pub(crate) struct Slab {
     returned_next: Cell<*mut Slab>,
 }
 
-const _: () = assert!(core::mem::size_of::<Slab>() <= SLAB_META);
+const _: () = assert!(core::mem::size_of::<Slab>() <= RUN_PAYLOAD);
 
 // SAFETY: owner fields are used only by the owning thread (or under the lock that stands
 // in for it); shared fields are atomics, or (`returned_next`) written only by the one
@@ -111,11 +116,10 @@ impl Slab {
         let (run, zeroed) = run::alloc_run(k.pages as usize, PAGE, run::Kind::Slab)?;
         let head = run::head_of(run as *const Run as *const u8);
         let base = head.run_start(run);
-        let bytes = run.bytes();
-        // SAFETY: the run's last SLAB_META bytes are inside it, 64-aligned (run size is a
-        // multiple of PAGE), and unused; the new slab is not yet reachable by anyone else.
+        // SAFETY: the run's payload space is RUN_PAYLOAD bytes, 64-aligned, and ours with the
+        // run; the new slab is not yet reachable by anyone else.
         let slab = unsafe {
-            let at = base.add(bytes - SLAB_META) as *mut Slab;
+            let at = head.payload(run) as *mut Slab;
             at.write(Slab {
                 free: Cell::new(ptr::null_mut()),
                 used: Cell::new(0),
@@ -139,13 +143,13 @@ impl Slab {
         Some(slab)
     }
 
-    /// The slab a slab run's metadata is in.
+    /// The slab object `p` belongs to (`p` in a slab run).
     #[inline]
-    pub(crate) fn of_run(head: &SegmentHead, run: &Run) -> &'static Slab {
-        let end = head.run_start(run) as usize + run.bytes();
-        // SAFETY: `run` is a slab run: its last SLAB_META bytes hold its `Slab`, which lives
-        // as long as the run, i.e. while any of its objects does.
-        unsafe { &*((end - SLAB_META) as *const Slab) }
+    pub(crate) fn of(p: *const u8) -> &'static Slab {
+        let head = run::head_of(p);
+        // SAFETY: `p` lies in a slab run, whose payload holds its `Slab` for as long as the
+        // run lives, i.e. while any of its objects does.
+        unsafe { &*(head.payload_of(p) as *const Slab) }
     }
 
     /// Gives the run back to the run layer. The slab must hold no object.

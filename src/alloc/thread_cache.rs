@@ -40,6 +40,9 @@ struct Bin {
     cur: Cell<*const Slab>,
     /// Slabs with free objects (doubly linked through `Slab::next/prev`).
     partial: Cell<*mut Slab>,
+    /// One empty slab kept for the next refill, so that a class whose objects come and go
+    /// in slab-sized waves does not take and return a run each time.
+    spare: Cell<*mut Slab>,
 }
 
 impl Bin {
@@ -47,6 +50,24 @@ impl Bin {
         Bin {
             cur: Cell::new(&slab::EMPTY),
             partial: Cell::new(ptr::null_mut()),
+            spare: Cell::new(ptr::null_mut()),
+        }
+    }
+
+    /// An empty slab (already off every list): kept as the spare, or given back.
+    fn retire(&self, s: &'static Slab) {
+        if self.spare.get().is_null() {
+            s.place.set(Place::Spare);
+            self.spare.set(s as *const Slab as *mut Slab);
+        } else {
+            s.destroy();
+        }
+    }
+
+    /// Gives the spare slab back to the run layer.
+    fn drop_spare(&self) {
+        if let Some(s) = ptr_ref(self.spare.replace(ptr::null_mut())) {
+            s.destroy();
         }
     }
 
@@ -160,10 +181,13 @@ impl Heap {
                 s.collect();
                 s
             }
-            None => {
-                reclaim_abandoned();
-                Slab::create(class, self.id())?
-            }
+            None => match ptr_ref(bin.spare.replace(ptr::null_mut())) {
+                Some(spare) => spare,
+                None => {
+                    reclaim_abandoned();
+                    Slab::create(class, self.id())?
+                }
+            },
         };
         s.place.set(Place::Current);
         bin.cur.set(s);
@@ -179,7 +203,7 @@ impl Heap {
             debug_assert_eq!(s.place.get(), Place::Parked);
             s.collect_returned();
             if s.used() == 0 {
-                s.destroy();
+                self.bins[s.class()].retire(s);
             } else {
                 self.bins[s.class()].push_partial(s);
             }
@@ -205,31 +229,29 @@ impl Heap {
             // the slab is on the return stack and `drain_returned` places it.
             Place::Parked if s.remote.unpark() => {
                 if used == 0 {
-                    s.destroy();
+                    bin.retire(s);
                 } else {
                     bin.push_partial(s);
                 }
             }
             Place::Partial if used == 0 => {
                 bin.remove_partial(s);
-                s.destroy();
+                bin.retire(s);
             }
             // An empty current slab stays: the next allocation of its class reuses it.
             _ => {}
         }
     }
 
-    /// Owner: collects every slab's remote frees and gives empty slabs back. With
-    /// `keep_current == false` the current slabs are moved to the partial lists too (at
-    /// thread exit).
-    fn collect_all(&self, keep_current: bool) {
+    /// Owner: collects every slab's remote frees and gives empty slabs back; the current
+    /// slabs join the partial lists (for a heap whose thread exited).
+    fn collect_all(&self) {
         self.drain_returned();
         for bin in &self.bins {
+            bin.drop_spare();
             if let Some(cur) = ptr_ref(bin.cur.get()).filter(|s| !ptr::eq(*s, &slab::EMPTY)) {
-                if !keep_current {
-                    bin.cur.set(&slab::EMPTY);
-                    bin.push_partial(cur);
-                }
+                bin.cur.set(&slab::EMPTY);
+                bin.push_partial(cur);
             }
             let mut at = bin.partial.get();
             while let Some(s) = ptr_ref(at) {
@@ -364,7 +386,7 @@ pub(crate) fn abandon_current() {
     if ptr::eq(heap, &EMPTY_HEAP) || ptr::eq(heap, &DEAD_HEAP) {
         return;
     }
-    heap.collect_all(false);
+    heap.collect_all();
     let mut list = ABANDONED.lock();
     heap.next_abandoned.set(list.0);
     list.0 = heap as *const Heap as *mut Heap;
@@ -388,7 +410,7 @@ fn pop_abandoned() -> Option<&'static Heap> {
 fn reclaim_abandoned() {
     let Some(heap) = pop_abandoned() else { return };
     // Popped: this thread is the heap's only owner until it is pushed back.
-    heap.collect_all(false);
+    heap.collect_all();
     let mut list = ABANDONED.lock();
     heap.next_abandoned.set(ptr::null_mut());
     match last_of(list.0) {

@@ -1,0 +1,245 @@
+//! Shared pieces of the allocator test binaries (`harness = false`): a runner that prints one
+//! line per check and the closing `N passed, M failed` line, tenant counters, patterns, and a
+//! small deterministic random generator.
+#![allow(dead_code)]
+
+use beancounter::{Beancounter, Resource};
+use std::alloc::Layout;
+use std::panic::{self, AssertUnwindSafe};
+use std::time::Instant;
+
+/// Runs named checks in order, catching panics, and reports like libtest does.
+pub struct Runner {
+    passed: usize,
+    failed: Vec<&'static str>,
+    filter: Option<String>,
+}
+
+impl Runner {
+    /// A runner; the first command-line argument that is not a flag filters checks by name.
+    pub fn new() -> Runner {
+        let filter = std::env::args().skip(1).find(|a| !a.starts_with('-'));
+        Runner {
+            passed: 0,
+            failed: Vec::new(),
+            filter,
+        }
+    }
+
+    /// Runs `f` as the check `name`; a panic fails it.
+    pub fn check(&mut self, name: &'static str, f: impl FnOnce()) {
+        if let Some(filter) = &self.filter {
+            if !name.contains(filter.as_str()) {
+                return;
+            }
+        }
+        let start = Instant::now();
+        let result = panic::catch_unwind(AssertUnwindSafe(f));
+        let secs = start.elapsed().as_secs_f64();
+        match result {
+            Ok(()) => {
+                println!("check {name} ... ok ({secs:.2} s)");
+                self.passed += 1;
+            }
+            Err(_) => {
+                println!("check {name} ... FAILED ({secs:.2} s)");
+                self.failed.push(name);
+            }
+        }
+    }
+
+    /// Prints the closing line and exits: status 0 only if every check passed.
+    pub fn finish(self) -> ! {
+        if !self.failed.is_empty() {
+            println!("failed checks:");
+            for name in &self.failed {
+                println!("    {name}");
+            }
+        }
+        println!("{} passed, {} failed", self.passed, self.failed.len());
+        std::process::exit(if self.failed.is_empty() { 0 } else { 1 });
+    }
+}
+
+/// A fresh top-level tenant (panics if the id is taken by a live beancounter with a charge).
+pub fn tenant(id: u32) -> Beancounter {
+    beancounter::find_or_create(beancounter::BcId(id)).expect("tenant")
+}
+
+/// True `Memory` and `Allocations` held by `bc` (stocks excluded).
+pub fn held(bc: &Beancounter) -> (u64, u64) {
+    (
+        bc.stat(Resource::Memory).held,
+        bc.stat(Resource::Allocations).held,
+    )
+}
+
+/// The slab class size the allocator charges for a small request (`DESIGN.md` §3.2 and
+/// `size_class.rs`: 8, then every 16 bytes to 128, then four classes per doubling to 32 KiB),
+/// or `None` for a request served by page runs.
+pub fn class_size(size: usize, align: usize) -> Option<usize> {
+    const SMALL_MAX: usize = 32 << 10;
+    let classes = || {
+        let mut v = vec![8usize];
+        v.extend((1..=8).map(|c| c * 16));
+        let mut base = 128;
+        while base < SMALL_MAX {
+            for q in 1..=4 {
+                v.push(base + base / 4 * q);
+            }
+            base *= 2;
+        }
+        v
+    };
+    if align > 4096 {
+        return None;
+    }
+    let need = if align <= 8 || (align == 16 && size > 8) {
+        size.max(1)
+    } else {
+        size.max(align).next_multiple_of(align)
+    };
+    if need > SMALL_MAX {
+        return None;
+    }
+    classes()
+        .into_iter()
+        .find(|&c| c >= need && c % align.min(4096) == 0)
+}
+
+/// What the allocator charges to `Memory` for a block of this layout.
+pub fn charged_bytes(layout: Layout) -> u64 {
+    match class_size(layout.size(), layout.align()) {
+        Some(c) => c as u64,
+        None => layout.size().next_multiple_of(4096).max(4096) as u64,
+    }
+}
+
+/// xorshift64*: deterministic, allocation-free.
+#[derive(Clone, Debug)]
+pub struct Rng(u64);
+
+impl Rng {
+    pub fn new(seed: u64) -> Rng {
+        Rng(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1)
+    }
+
+    pub fn next(&mut self) -> u64 {
+        let mut x = self.0;
+        x ^= x >> 12;
+        x ^= x << 25;
+        x ^= x >> 27;
+        self.0 = x;
+        x.wrapping_mul(0x2545_F491_4F6C_DD1D)
+    }
+
+    /// Uniform in `0..n` (n > 0).
+    pub fn below(&mut self, n: u64) -> u64 {
+        self.next() % n
+    }
+}
+
+/// The canary byte at offset `i` of a block tagged `tag`.
+#[inline]
+pub fn canary(tag: u64, i: usize) -> u8 {
+    let x = tag
+        .wrapping_mul(0x9E37_79B9_7F4A_7C15)
+        .wrapping_add((i as u64).wrapping_mul(0xD6E8_FEB8_6659_FD93));
+    (x >> 56) as u8 ^ (i as u8)
+}
+
+/// Offsets of `len` bytes that patterns are written at: every byte of a short block, else the
+/// first and last 64 bytes and one byte in every 4 KiB page (enough to see a block overlap or
+/// a lost page, without touching every byte of 64 MiB in a debug build).
+pub fn sample_offsets(len: usize) -> impl Iterator<Item = usize> {
+    let dense = len <= 1024;
+    let head = if dense { len } else { 64 };
+    let tail_start = if dense { len } else { len - 64 };
+    (0..head)
+        .chain(
+            (head..tail_start)
+                .step_by(4096)
+                .map(move |o| o + (o / 4096) % 61),
+        )
+        .chain(tail_start..len)
+        .filter(move |&o| o < len)
+}
+
+/// Writes the canary of `tag` at the sampled offsets of `p[..len]`.
+///
+/// # Safety
+/// `p..p + len` must be writable.
+pub unsafe fn fill(p: *mut u8, len: usize, tag: u64) {
+    for i in sample_offsets(len) {
+        // SAFETY: `i < len`, inside the block the caller vouches for.
+        unsafe { p.add(i).write(canary(tag, i)) };
+    }
+}
+
+/// Checks the canary of `tag` at the sampled offsets of `p[..len]`; returns the first bad
+/// offset.
+///
+/// # Safety
+/// `p..p + len` must be readable.
+pub unsafe fn verify(p: *const u8, len: usize, tag: u64) -> Result<(), usize> {
+    for i in sample_offsets(len) {
+        // SAFETY: `i < len`, inside the block the caller vouches for.
+        if unsafe { p.add(i).read() } != canary(tag, i) {
+            return Err(i);
+        }
+    }
+    Ok(())
+}
+
+/// Is every byte of `p[..len]` zero? (Compares whole slices, which is a `memcmp` even in a
+/// debug build.)
+///
+/// # Safety
+/// `p..p + len` must be readable and initialised.
+pub unsafe fn all_zero(p: *const u8, len: usize) -> bool {
+    static ZEROS: [u8; 64 << 10] = [0; 64 << 10];
+    let mut off = 0;
+    while off < len {
+        let n = (len - off).min(ZEROS.len());
+        // SAFETY: `off + n <= len`, inside the block the caller vouches for.
+        let s = unsafe { std::slice::from_raw_parts(p.add(off), n) };
+        if s != &ZEROS[..n] {
+            return false;
+        }
+        off += n;
+    }
+    true
+}
+
+/// Resident and virtual size of this process, in bytes, from `/proc/self/statm`.
+pub fn statm() -> (usize, usize) {
+    let s = std::fs::read_to_string("/proc/self/statm").expect("statm");
+    let mut it = s
+        .split_whitespace()
+        .map(|x| x.parse::<usize>().unwrap() * 4096);
+    let virt = it.next().unwrap();
+    let rss = it.next().unwrap();
+    (rss, virt)
+}
+
+/// A raw block pointer that may cross threads (the tests own what it points to).
+#[derive(Clone, Copy, Debug)]
+pub struct SendPtr(pub *mut u8);
+
+// SAFETY: the pointer is only a token for a block the receiving thread then owns.
+unsafe impl Send for SendPtr {}
+
+/// Checks the canary that `fill(p, len, tag)` wrote, on the bytes below `keep` only (what a
+/// `realloc` to `keep` bytes must have kept).
+///
+/// # Safety
+/// `p..p + keep` must be readable.
+pub unsafe fn verify_prefix(p: *const u8, len: usize, keep: usize, tag: u64) -> Result<(), usize> {
+    for i in sample_offsets(len).take_while(|&i| i < keep) {
+        // SAFETY: `i < keep`, inside the block the caller vouches for.
+        if unsafe { p.add(i).read() } != canary(tag, i) {
+            return Err(i);
+        }
+    }
+    Ok(())
+}
