@@ -1,78 +1,71 @@
-//! Two tenants with limits, work under guards, threads that inherit their tenant, and the
-//! counters printed at the end.
-//!
-//! The allocator (`#[global_allocator]`) is not part of the crate yet; this demo counts
-//! resources explicitly, the way a host counts connections or worker threads per tenant.
+//! Two tenants with memory limits share one process: work runs under each tenant's guard,
+//! every allocation is charged to the tenant it runs for, and one tenant's overreach is
+//! refused without touching the other.
 
-use beancounter::{BcError, BcId, Limits, Resource, Severity};
-use std::sync::{Arc, RwLock};
+use beancounter::{BcId, BeanAlloc, Limits, Resource};
 
-fn main() -> Result<(), BcError> {
-    let connections = beancounter::register_resource("connections")?;
+#[global_allocator]
+static ALLOC: BeanAlloc = BeanAlloc::new();
 
+fn main() -> Result<(), Box<dyn std::error::Error>> {
     let alice = beancounter::find_or_create(BcId(1))?;
     let bob = beancounter::find_or_create(BcId(2))?;
-    // Alice may hold 3 connections gracefully and 4 at most; Bob gets 2 threads.
-    alice.set_limits(connections, Limits::new(3, 4)?)?;
-    bob.set_limits(Resource::Threads, Limits::new(2, 2)?)?;
+    alice.set_limits(Resource::Memory, Limits::new(8 << 20, 8 << 20)?)?;
+    bob.set_limits(Resource::Memory, Limits::new(1 << 20, 1 << 20)?)?;
 
-    // A request handler works for Alice: graceful requests stop at the barrier.
-    let mut open = Vec::new();
-    {
+    // Alice builds a 4 MiB table: charged to her, well within her limit.
+    let table = {
         let _g = alice.enter();
-        assert_eq!(beancounter::current_id(), BcId(1));
-        for _ in 0..5 {
-            match beancounter::current().charge(connections, 1, Severity::Barrier) {
-                Ok(c) => open.push(c),
-                Err(e) => println!("alice: refused: {e}"),
-            }
-        }
-    }
-    assert_eq!(open.len(), 3);
+        vec![7u64; 512 << 10]
+    };
 
-    // Threads spawned under Bob's guard start in Bob and count against his Threads limit.
-    // They wait at the gate until all three were tried, so all run at once.
-    let gate = Arc::new(RwLock::new(()));
-    let closed = gate.write().unwrap();
-    let _g = bob.enter();
-    let workers: Vec<_> = (0..3)
-        .map(|_| {
-            let gate = gate.clone();
-            beancounter::thread::spawn(move || {
-                drop(gate.read().unwrap());
-                beancounter::current_id()
-            })
-        })
-        .collect();
-    drop(closed);
-    let refused = workers.iter().filter(|w| w.is_err()).count();
-    assert_eq!(refused, 1);
-    for w in workers.into_iter().flatten() {
-        assert_eq!(w.join().unwrap(), BcId(2));
-    }
-    println!("bob: {refused} thread(s) refused by his Threads limit");
+    // Bob tries to reserve 16 MiB: his limit refuses it, and only his request fails.
+    let refused = {
+        let _g = bob.enter();
+        let mut v: Vec<u8> = Vec::new();
+        v.try_reserve(16 << 20).is_err()
+    };
+    assert!(refused, "bob's limit must refuse 16 MiB");
+
+    // Threads spawned under a guard start in the same tenant.
+    let worker = {
+        let _g = bob.enter();
+        beancounter::thread::spawn(|| {
+            let names: Vec<String> = (0..1000).map(|i| format!("bob-{i}")).collect();
+            names.len()
+        })?
+    };
+    assert_eq!(worker.join().unwrap_or(0), 1000);
 
     println!(
-        "{:>4} {:<12} {:>5} {:>7} {:>7} {:>7} {:>7}",
-        "id", "resource", "held", "maxheld", "barrier", "limit", "failcnt"
+        "{:>3} {:<12} {:>10} {:>10} {:>10} {:>8}",
+        "id", "resource", "held", "maxheld", "limit", "failcnt"
     );
     for bc in [&alice, &bob] {
-        for r in [connections, Resource::Threads] {
+        for r in [Resource::Memory, Resource::Allocations] {
             let s = bc.stat(r);
             println!(
-                "{:>4} {:<12} {:>5} {:>7} {:>7} {:>7} {:>7}",
+                "{:>3} {:<12} {:>10} {:>10} {:>10} {:>8}",
                 bc.id().to_string(),
                 r.to_string(),
                 s.held,
                 s.maxheld,
-                s.barrier,
-                s.limit,
+                if s.limit == beancounter::MAX {
+                    "-".to_string()
+                } else {
+                    s.limit.to_string()
+                },
                 s.failcnt
             );
         }
     }
-    assert_eq!(alice.stat(connections).failcnt, 2);
-    drop(open);
-    assert_eq!(alice.stat(connections).held, 0);
+    let a = alice.stat(Resource::Memory);
+    assert!(a.held >= 4 << 20 && a.held <= 8 << 20);
+    assert_eq!(bob.stat(Resource::Memory).failcnt, 1);
+    drop(table);
+    assert!(
+        alice.stat(Resource::Memory).held < 4 << 20,
+        "freeing uncharges alice"
+    );
     Ok(())
 }
