@@ -216,7 +216,7 @@ fn uncharge(bc: u32, bytes: usize) {
 unsafe fn deallocate(ptr: *mut u8, layout: Layout) {
     // Sized free: the layout says whether this is a slab object, without reading the run.
     if size_class::class_for(layout.size(), layout.align()).is_some() {
-        let slab = super::slab::Slab::of(ptr);
+        let slab = page_map::slab_of(ptr);
         stock::uncharge_object(slab.tag(ptr), slab.size() as u64);
         // SAFETY: `ptr` is a live object of `slab`, given up by the caller.
         unsafe { thread_cache::free(slab, ptr) };

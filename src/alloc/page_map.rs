@@ -21,6 +21,15 @@ pub(crate) enum Owner {
     Huge(&'static SegmentHead),
 }
 
+/// The slab of `ptr`, an object handed out from a slab and not yet freed (the sized-free
+/// fast path: the layout already says it is a slab object).
+#[inline]
+pub(crate) fn slab_of(ptr: *const u8) -> &'static Slab {
+    // SAFETY: `ptr` lies in a slab run, whose payload holds its `Slab` for as long as the
+    // run lives, i.e. while any of its objects does.
+    unsafe { &*(run::head_of(ptr).payload_of(ptr) as *const Slab) }
+}
+
 /// The owner of `ptr`, a block handed out by this allocator and not yet freed.
 #[inline]
 pub(crate) fn owner_of(ptr: *const u8) -> Owner {
@@ -30,7 +39,7 @@ pub(crate) fn owner_of(ptr: *const u8) -> Owner {
     }
     let run = head.run_of(ptr);
     match run.kind() {
-        Kind::Slab => Owner::Slab(Slab::of(ptr)),
+        Kind::Slab => Owner::Slab(slab_of(ptr)),
         _ => {
             debug_assert_eq!(run.kind(), Kind::Large);
             Owner::Large(run)

@@ -143,15 +143,6 @@ impl Slab {
         Some(slab)
     }
 
-    /// The slab object `p` belongs to (`p` in a slab run).
-    #[inline]
-    pub(crate) fn of(p: *const u8) -> &'static Slab {
-        let head = run::head_of(p);
-        // SAFETY: `p` lies in a slab run, whose payload holds its `Slab` for as long as the
-        // run lives, i.e. while any of its objects does.
-        unsafe { &*(head.payload_of(p) as *const Slab) }
-    }
-
     /// Gives the run back to the run layer. The slab must hold no object.
     pub(crate) fn destroy(&'static self) {
         debug_assert_eq!(self.used.get(), 0);
