@@ -10,6 +10,8 @@
 //! be released by a `fork()` child whose locking thread no longer exists.
 
 #[cfg(not(beancounter_loom))]
+pub(crate) use std::sync::atomic::compiler_fence;
+#[cfg(not(beancounter_loom))]
 pub(crate) use std::sync::atomic::{
     fence, AtomicBool, AtomicI64, AtomicPtr, AtomicU32, AtomicU64, AtomicUsize, Ordering,
 };

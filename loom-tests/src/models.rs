@@ -267,3 +267,155 @@ fn slot_reuse_is_told_apart_by_generation() {
         assert_eq!(reg.live(), 0);
     });
 }
+
+/// A thread's stock racing a reclaimer (the path taken before a refusal and on a limit
+/// change): whatever the interleaving, nothing is lost or counted twice (`held` equals
+/// what the owner's objects hold plus what the stock still holds), the owner never uses a
+/// stock that was taken back, and `held` never passes the limit.
+#[test]
+fn stock_consume_races_reclaim() {
+    use crate::accounting::stock::{charge_pair_undo, reclaim, GiveBack, StockSlot};
+    model("stock_consume_races_reclaim", || {
+        let reg = Arc::new(Registry::new(4));
+        let bc = reg.find_or_create(BcId(1), None).unwrap();
+        reg.set_limits(bc, MEM_INDEX, limits(16, 16)).unwrap();
+        let slot = Arc::new(StockSlot::new());
+        // The owner's first charge refills: 2 for the object plus a batch of
+        // headroom / 2 = 7 (one CPU under loom).
+        slot.charge_slow(&reg, bc, 2, Severity::Limit).unwrap();
+
+        let owner = {
+            let (reg, slot) = (reg.clone(), slot.clone());
+            thread::spawn(move || {
+                let mut live = 2u64;
+                for _ in 0..2 {
+                    if slot.try_consume(bc, 2)
+                        || slot.charge_slow(&reg, bc, 2, Severity::Limit).is_ok()
+                    {
+                        live += 2;
+                    }
+                }
+                // Free one object back into the stock (or directly, if it was taken).
+                if slot.try_give_back(bc, 2) == GiveBack::NotMine {
+                    charge_pair_undo(&reg, bc, 2);
+                }
+                live - 2
+            })
+        };
+        let taken = reclaim(&reg, core::slice::from_ref(&*slot).iter(), bc);
+        let live = owner.join().unwrap();
+        let (stocked_bc, mem, objs) = slot.peek();
+        let stat = reg.stat(bc, MEM_INDEX);
+        assert!(stat.maxheld <= 16);
+        assert_eq!(
+            stat.held,
+            live + if stocked_bc == bc { mem } else { 0 },
+            "taken {taken}"
+        );
+        let allocs = reg.stat(bc, 1).held;
+        assert_eq!(allocs, live / 2 + if stocked_bc == bc { objs } else { 0 });
+        slot.drain(&reg);
+        reg.uncharge(bc, MEM_INDEX, live);
+        reg.uncharge(bc, 1, live / 2);
+        assert_eq!(reg.stat(bc, MEM_INDEX).held, 0);
+        assert_eq!(reg.stat(bc, 1).held, 0);
+        reg.release(bc);
+        reg.check_invariants().unwrap();
+    });
+}
+
+/// A charge refused because another thread's stock holds the headroom reclaims that stock
+/// and succeeds on the retry, while the stock's owner keeps allocating: the refusal is
+/// only ever caused by real usage, and the limit is never passed.
+#[test]
+fn refused_charge_reclaims_other_stock() {
+    use crate::accounting::stock::{charge_pair, reclaim, StockSlot};
+    model("refused_charge_reclaims_other_stock", || {
+        let reg = Arc::new(Registry::new(4));
+        let bc = reg.find_or_create(BcId(1), None).unwrap();
+        reg.set_limits(bc, MEM_INDEX, limits(12, 12)).unwrap();
+        let slot = Arc::new(StockSlot::new());
+        // Owner: 2 used, 5 stocked (headroom 10 / 2).
+        slot.charge_slow(&reg, bc, 2, Severity::Limit).unwrap();
+
+        let owner = {
+            let slot = slot.clone();
+            thread::spawn(move || slot.try_consume(bc, 2))
+        };
+        // Another thread wants 6: 2 used + 6 fits in 12 once the stock is taken back.
+        let got = match charge_pair(&reg, bc, 6, 1, Severity::Limit) {
+            Ok(()) => true,
+            Err(_) => {
+                reclaim(&reg, core::slice::from_ref(&*slot).iter(), bc);
+                charge_pair(&reg, bc, 6, 1, Severity::Limit).is_ok()
+            }
+        };
+        let consumed = owner.join().unwrap();
+        let used = 2 + if consumed { 2 } else { 0 };
+        assert!(
+            got,
+            "refused although the stock could be reclaimed (used {used})"
+        );
+        let (stocked_bc, mem, _) = slot.peek();
+        let stocked = if stocked_bc == bc { mem } else { 0 };
+        let stat = reg.stat(bc, MEM_INDEX);
+        assert_eq!(stat.held, used + 6 + stocked);
+        assert!(stat.maxheld <= 12);
+        slot.drain(&reg);
+        reg.uncharge(bc, MEM_INDEX, used + 6);
+        reg.uncharge(bc, 1, used / 2 + 1);
+        assert_eq!(reg.stat(bc, MEM_INDEX).held, 0);
+        reg.release(bc);
+    });
+}
+
+/// A stock refill racing a limit change (which reclaims stocks): the old limit is never
+/// passed, a refill that saw the new limit never takes more than its share of the new
+/// headroom, and the books balance whatever the order.
+#[test]
+fn stock_refill_races_limit_change() {
+    use crate::accounting::stock::{reclaim, StockSlot};
+    model("stock_refill_races_limit_change", || {
+        let reg = Arc::new(Registry::new(4));
+        let bc = reg.find_or_create(BcId(1), None).unwrap();
+        reg.set_limits(bc, MEM_INDEX, limits(16, 16)).unwrap();
+        let slot = Arc::new(StockSlot::new());
+
+        let owner = {
+            let (reg, slot) = (reg.clone(), slot.clone());
+            thread::spawn(move || {
+                let mut live = 0;
+                for _ in 0..2 {
+                    if slot.try_consume(bc, 2)
+                        || slot.charge_slow(&reg, bc, 2, Severity::Limit).is_ok()
+                    {
+                        live += 2;
+                    }
+                }
+                live
+            })
+        };
+        reg.set_limits(bc, MEM_INDEX, limits(8, 8)).unwrap();
+        reclaim(&reg, core::slice::from_ref(&*slot).iter(), bc);
+        let live = owner.join().unwrap();
+
+        let (stocked_bc, mem, _) = slot.peek();
+        let stocked = if stocked_bc == bc { mem } else { 0 };
+        let stat = reg.stat(bc, MEM_INDEX);
+        assert!(stat.maxheld <= 16);
+        assert_eq!(stat.held, live + stocked);
+        // Any refill took at most half the headroom it saw (one CPU under loom), which was
+        // at most 16, or 8 once the new limit was in place.
+        assert!(stocked <= 8, "stock {stocked}");
+        // From now on the new limit holds.
+        let room = 8u64.saturating_sub(stat.held);
+        assert!(reg
+            .charge(bc, MEM, MEM_INDEX, room + 1, Severity::Limit)
+            .is_err());
+        slot.drain(&reg);
+        reg.uncharge(bc, MEM_INDEX, live);
+        reg.uncharge(bc, 1, live / 2);
+        assert_eq!(reg.stat(bc, MEM_INDEX).held, 0);
+        reg.release(bc);
+    });
+}

@@ -177,6 +177,11 @@ impl ResourceCounter {
         }
     }
 
+    /// How much more a `Limit` charge could add now.
+    pub(crate) fn headroom(&self) -> u64 {
+        (self.limit.load(Relaxed) - self.held.load(Relaxed)).max(0) as u64
+    }
+
     /// What is held now (never negative).
     #[inline]
     pub(crate) fn held(&self) -> u64 {

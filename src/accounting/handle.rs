@@ -95,7 +95,10 @@ impl Beancounter {
     /// [`BcError::UnknownResource`] for an unregistered custom resource.
     pub fn set_limits(&self, r: Resource, l: Limits) -> Result<(), BcError> {
         let reg = registry();
-        reg.set_limits(self.index, reg.resource_index(r)?, l)
+        reg.set_limits(self.index, reg.resource_index(r)?, l)?;
+        // Stocks were sized for the old headroom: take them back.
+        stock::reclaim_all(self.index);
+        Ok(())
     }
 
     /// Reads one resource. An unregistered custom resource reads as all zeros (use
@@ -283,7 +286,9 @@ pub fn set_limits(id: BcId, r: Resource, l: Limits) -> Result<(), BcError> {
     let reg = registry();
     let ri = reg.resource_index(r)?;
     let bc = lookup(id).ok_or(BcError::NotFound(id))?;
-    reg.set_limits(bc.index, ri, l)
+    reg.set_limits(bc.index, ri, l)?;
+    stock::reclaim_all(bc.index);
+    Ok(())
 }
 
 /// Reads resource `r` of beancounter `id`.

@@ -14,5 +14,4 @@ pub(crate) mod context;
 pub(crate) mod handle;
 #[cfg(not(beancounter_loom))]
 pub(crate) mod spawn;
-#[cfg(not(beancounter_loom))]
 pub(crate) mod stock;

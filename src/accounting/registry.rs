@@ -460,6 +460,31 @@ impl Registry {
         (link != NO_PARENT).then_some(link)
     }
 
+    /// The smallest headroom below the limit of counter `ri` over `index` and its
+    /// ancestors: how much a `Limit` charge to `index` could add now.
+    pub(crate) fn headroom(&self, index: u32, ri: usize) -> u64 {
+        let mut room = u64::MAX;
+        let mut at = index;
+        loop {
+            room = room.min(self.slot(at).counters[ri].headroom());
+            match self.parent_of(at) {
+                Some(p) => at = p,
+                None => return room,
+            }
+        }
+    }
+
+    /// The slot of beancounter `id` among `index` and its ancestors.
+    pub(crate) fn index_of(&self, id: BcId, index: u32) -> Option<u32> {
+        let mut at = index;
+        loop {
+            if self.id_of(at) == id {
+                return Some(at);
+            }
+            at = self.parent_of(at)?;
+        }
+    }
+
     /// Is `of` the beancounter `index` or one of its descendants?
     pub(crate) fn is_self_or_descendant(&self, of: u32, index: u32) -> bool {
         let mut at = of;

@@ -2,291 +2,625 @@
 //! cache line.
 //!
 //! A thread pre-charges a batch of `Memory` and `Allocations` to its exec beancounter (and
-//! every ancestor, with the severity of the charge that needed it) and serves later charges
-//! of that beancounter from it; frees of objects owned by the stocked beancounter go back
-//! into it. The stock lives in a slot of a process-wide table that only its thread writes
-//! (plain loads and stores, no read-modify-write), and that `stat()` reads to report true
-//! usage: `held` minus what stocks hold.
+//! every ancestor) and serves later charges of that beancounter from it; frees of objects
+//! owned by the stocked beancounter go back into it. The stock lives in a slot of a
+//! process-wide table; `stat()` reads the slots to report true usage (`held` minus what
+//! stocks hold).
 //!
-//! Hard rule: a stock is charged with the same add-check-publish as any charge, so `held`,
-//! which includes every stock, never passes a bound that a charge was checked against, and
-//! true usage is at most `held`.
+//! # Hard rule and slack
+//! A stock is charged like any charge (checked against the bound of the charge that needed
+//! it), so `held`, which includes every stock, never passes a bound a charge was checked
+//! against, and true usage is at most `held`.
 //!
-//! Slack: a charge is refused while true usage plus the request is under the bound only if
-//! other threads' stocks hold the difference: at most [`STOCK_BYTES`] + [`STOCK_OBJECTS`]
-//! per thread that has a stock for that beancounter. (Bounding this independently of the
-//! number of threads is the next step: batches that shrink with headroom, and reclaiming
-//! other threads' stock before refusing.)
+//! A charge can be refused while true usage plus the request would fit only because other
+//! threads hold stock. Two things bound that slack independently of the number of threads:
+//! - **Batches shrink with headroom.** A refill takes at most
+//!   `min(STOCK_BYTES, headroom / (2 × CPUs))` bytes (and the same share of `Allocations`
+//!   headroom), as OpenVZ's precharge does: near a bound, stocks are small.
+//! - **Reclaim before refusing.** A charge the counters refuse is retried once after
+//!   every stock of the refusing beancounter (and of its descendants, whose charges it
+//!   carries) has been taken back. What can still stand in the way at the retry is stock
+//!   that threads running at that moment took again since: at most one batch per CPU, so at
+//!   most `min(CPUs × STOCK_BYTES, headroom / 2)`.
 //!
-//! A stock is given back (*drained*) when its thread charges another beancounter, and when
-//! the thread exits; the slot is then reused.
+//! # Reclaiming without slowing the owner
+//! The owner consumes and refills its stock with plain loads and stores: no lock, no atomic
+//! read-modify-write. Another thread takes it back with an asymmetric handshake:
+//!
+//! ```text
+//! owner (every charge/free)            reclaimer (rare: a refusal, a limit change)
+//! busy = 1                             steal = 1
+//! compiler fence                       membarrier(PRIVATE_EXPEDITED)  ← a full fence on
+//! if steal: busy = 0, go slow          wait until busy == 0              every CPU running
+//! use mem/objs                         take mem/objs, uncharge them      this process
+//! busy = 0 (release)                   steal = 0
+//! ```
+//! The membarrier turns the owner's compiler fence into a full fence wherever the owner
+//! was: either the owner's `busy = 1` is visible to the reclaimer (which waits for it to
+//! clear), or the owner's next read of `steal` sees 1 (and it keeps off its stock). If the
+//! kernel has no `membarrier`, owners use a real fence instead. Owner slow paths and
+//! reclaimers also take the slot's lock, and reclaimers are serialised among themselves.
+//! The loom model replaces the membarrier/compiler-fence pair by `SeqCst` fences on both
+//! sides, which is the guarantee the pair gives.
+//!
+//! A stock is drained when its thread charges another beancounter, when the thread exits,
+//! and by reclaim (refusals, limit changes).
 
-use super::handle::registry;
 use super::registry::Registry;
 use super::types::{Exceeded, Resource, Severity};
-use crate::sync::{AtomicU32, AtomicU64, Mutex, Ordering::Relaxed};
-use core::cell::Cell;
-use core::ptr;
+#[cfg(not(beancounter_loom))]
+use crate::sync::compiler_fence;
+use crate::sync::Ordering::{Acquire, Relaxed, Release};
+use crate::sync::{const_fn, fence, AtomicU32, AtomicU64, Ordering};
 
-/// Bytes of `Memory` a stock takes at once: 128 KiB, a quarter of Linux's per-CPU memcg
-/// stock (64 pages), so that a few dozen threads' stocks stay small next to a tenant limit.
+/// Bytes of `Memory` a stock takes at most at once: 128 KiB, half of Linux's per-CPU memcg
+/// stock (64 pages); measured in `benches/README.md` to keep the shared counter off the
+/// small-object path.
 pub const STOCK_BYTES: u64 = 128 << 10;
-/// `Allocations` a stock takes at once: one per 512 bytes of `STOCK_BYTES`.
+/// `Allocations` a stock takes at most at once: one per 512 bytes of `STOCK_BYTES`.
 pub const STOCK_OBJECTS: u64 = 256;
 
-/// Threads that can hold a stock at once; more threads charge directly.
-const SLOTS: usize = 16 << 10;
-const NONE: u32 = u32::MAX;
+/// Slot index meaning "no beancounter".
+pub(crate) const NONE: u32 = u32::MAX;
 
+const MEMORY: usize = 0;
+const ALLOCATIONS: usize = 1;
+
+/// One thread's stock.
 #[repr(align(64))]
-struct Slot {
-    /// Slot index of the stocked beancounter, or `NONE`.
+pub(crate) struct StockSlot {
+    /// Slot index of the stocked beancounter, or `NONE`. Changed only under `lock`.
     bc: AtomicU32,
-    /// Free-list link while the slot is unused.
-    next_free: AtomicU32,
+    /// 1 while the owner uses `mem`/`objs` on its fast path.
+    busy: AtomicU32,
+    /// 1 while a reclaimer takes the stock.
+    steal: AtomicU32,
+    /// Held by the owner's slow path and by reclaimers.
+    lock: AtomicU32,
     mem: AtomicU64,
     objs: AtomicU64,
+    /// Table free-list link while the slot is unused.
+    pub(crate) next_free: AtomicU32,
 }
 
-struct Table {
-    slots: *mut Slot,
-    /// Slots at or above `hwm` were never used.
-    hwm: usize,
-    free: u32,
+/// What giving a freed object back to the stock did.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub(crate) enum GiveBack {
+    /// The stock holds another beancounter (or is being reclaimed): uncharge directly.
+    NotMine,
+    /// Taken into the stock.
+    Done,
+    /// Taken, and the stock now holds more than two batches: trim it.
+    Trim,
 }
 
-// SAFETY: the pointer is to the table's own mapping; the table is reached through a lock.
-unsafe impl Send for Table {}
-
-static TABLE: Mutex<Table> = Mutex::new(Table {
-    slots: ptr::null_mut(),
-    hwm: 0,
-    free: NONE,
-});
-/// Same as `Table::slots`/`hwm`, readable without the lock by `stocked`.
-static SLOTS_PTR: crate::sync::AtomicPtr<Slot> = crate::sync::AtomicPtr::new(ptr::null_mut());
-static HWM: crate::sync::AtomicUsize = crate::sync::AtomicUsize::new(0);
-
-/// Not claimed yet.
-const UNCLAIMED: *const Slot = ptr::null();
-/// No stock for this thread (table full, or the thread is exiting): charge directly.
-const DIRECT: *const Slot = ptr::dangling();
-
-thread_local! {
-    static MINE: Cell<*const Slot> = const { Cell::new(UNCLAIMED) };
-}
-
-#[inline]
-fn mine() -> *const Slot {
-    MINE.try_with(|m| m.get()).unwrap_or(DIRECT)
-}
-
-fn claim() -> *const Slot {
-    let mut t = TABLE.lock();
-    if t.slots.is_null() {
-        match crate::os::map(SLOTS * core::mem::size_of::<Slot>()) {
-            Some(p) => {
-                t.slots = p.as_ptr().cast();
-                SLOTS_PTR.store(t.slots, crate::sync::Ordering::Release);
-            }
-            None => return DIRECT,
-        }
-    }
-    let index = if t.free != NONE {
-        let i = t.free as usize;
-        // SAFETY: free-list entries are below `hwm`, inside the table.
-        t.free = unsafe { (*t.slots.add(i)).next_free.load(Relaxed) };
-        i
-    } else if t.hwm < SLOTS {
-        t.hwm += 1;
-        HWM.store(t.hwm, crate::sync::Ordering::Release);
-        t.hwm - 1
-    } else {
-        return DIRECT;
-    };
-    // SAFETY: `index < hwm <= SLOTS`; the slot is unused, so this thread may take it.
-    let slot = unsafe { &*t.slots.add(index) };
-    slot.bc.store(NONE, Relaxed);
-    slot
-}
-
-/// Charges `bytes` of `Memory` and one of `Allocations` to slot `bc` for a new object.
-#[inline]
-pub(crate) fn charge_object(bc: u32, bytes: u64, severity: Severity) -> Result<(), Exceeded> {
-    let s = mine();
-    if s as usize > DIRECT as usize && severity == Severity::Limit {
-        // SAFETY: a claimed slot, used only by this thread until it exits.
-        let s = unsafe { &*s };
-        if s.bc.load(Relaxed) == bc {
-            let (m, o) = (s.mem.load(Relaxed), s.objs.load(Relaxed));
-            if m >= bytes && o >= 1 {
-                s.mem.store(m - bytes, Relaxed);
-                s.objs.store(o - 1, Relaxed);
-                return Ok(());
+impl StockSlot {
+    const_fn! {
+        pub(crate) fn new() -> Self {
+            StockSlot {
+                bc: AtomicU32::new(NONE),
+                busy: AtomicU32::new(0),
+                steal: AtomicU32::new(0),
+                lock: AtomicU32::new(0),
+                mem: AtomicU64::new(0),
+                objs: AtomicU64::new(0),
+                next_free: AtomicU32::new(NONE),
             }
         }
     }
-    charge_object_slow(bc, bytes, severity)
+
+    /// Runs `f` on the owner's fast path, unless a reclaimer is at work (then `None`).
+    #[inline]
+    fn fast<R>(&self, f: impl FnOnce() -> R) -> Option<R> {
+        self.busy.store(1, Relaxed);
+        owner_fence();
+        // Acquire: if this reads the 0 a reclaimer stores when it is done, what it did to
+        // the stock (emptied it, changed `bc`) must be visible here.
+        if self.steal.load(Acquire) != 0 {
+            self.busy.store(0, Release);
+            return None;
+        }
+        let r = f();
+        self.busy.store(0, Release);
+        Some(r)
+    }
+
+    /// Owner: takes `bytes` and one object from the stock if it holds `bc`.
+    #[inline]
+    pub(crate) fn try_consume(&self, bc: u32, bytes: u64) -> bool {
+        self.fast(|| {
+            let (m, o) = (self.mem.load(Relaxed), self.objs.load(Relaxed));
+            if self.bc.load(Relaxed) != bc || m < bytes || o == 0 {
+                return false;
+            }
+            self.mem.store(m - bytes, Relaxed);
+            self.objs.store(o - 1, Relaxed);
+            true
+        })
+        .unwrap_or(false)
+    }
+
+    /// Owner: puts back what a freed object of `bc` was charged, if the stock holds `bc`.
+    #[inline]
+    pub(crate) fn try_give_back(&self, bc: u32, bytes: u64) -> GiveBack {
+        self.fast(|| {
+            if self.bc.load(Relaxed) != bc {
+                return GiveBack::NotMine;
+            }
+            let (m, o) = (self.mem.load(Relaxed) + bytes, self.objs.load(Relaxed) + 1);
+            self.mem.store(m, Relaxed);
+            self.objs.store(o, Relaxed);
+            if m > 2 * STOCK_BYTES || o > 2 * STOCK_OBJECTS {
+                GiveBack::Trim
+            } else {
+                GiveBack::Done
+            }
+        })
+        .unwrap_or(GiveBack::NotMine)
+    }
+
+    fn lock(&self) {
+        while self
+            .lock
+            .compare_exchange_weak(0, 1, Acquire, Relaxed)
+            .is_err()
+        {
+            spin();
+        }
+    }
+
+    fn unlock(&self) {
+        self.lock.store(0, Release);
+    }
+
+    /// The stocked beancounter and amounts (racy unless quiescent; for `stat`).
+    pub(crate) fn peek(&self) -> (u32, u64, u64) {
+        (
+            self.bc.load(Relaxed),
+            self.mem.load(Relaxed),
+            self.objs.load(Relaxed),
+        )
+    }
+
+    /// Owner, slow path: charges `bytes` and one object to `bc`, refilling the stock with a
+    /// batch on top when `severity` is `Limit` and the headroom allows.
+    pub(crate) fn charge_slow(
+        &self,
+        reg: &Registry,
+        bc: u32,
+        bytes: u64,
+        severity: Severity,
+    ) -> Result<(), Exceeded> {
+        self.lock();
+        if self.bc.load(Relaxed) != bc {
+            self.drain_locked(reg);
+        }
+        let result = if severity == Severity::Limit {
+            let (mem, objs) = batch(reg, bc);
+            match charge_pair(reg, bc, bytes + mem, 1 + objs, severity) {
+                Ok(()) => {
+                    // Owner under its own lock: no reclaimer is at work on this slot.
+                    self.mem.store(self.mem.load(Relaxed) + mem, Relaxed);
+                    self.objs.store(self.objs.load(Relaxed) + objs, Relaxed);
+                    self.bc.store(bc, Relaxed);
+                    Ok(())
+                }
+                Err(_) if mem + objs > 0 => charge_pair(reg, bc, bytes, 1, severity),
+                Err(e) => Err(e),
+            }
+        } else {
+            charge_pair(reg, bc, bytes, 1, severity)
+        };
+        self.unlock();
+        result
+    }
+
+    /// Owner, slow path: gives back what the stock holds beyond one batch.
+    pub(crate) fn trim(&self, reg: &Registry) {
+        self.lock();
+        let bc = self.bc.load(Relaxed);
+        let (m, o) = (self.mem.load(Relaxed), self.objs.load(Relaxed));
+        if bc != NONE {
+            if m > STOCK_BYTES {
+                self.mem.store(STOCK_BYTES, Relaxed);
+                reg.uncharge(bc, MEMORY, m - STOCK_BYTES);
+            }
+            if o > STOCK_OBJECTS {
+                self.objs.store(STOCK_OBJECTS, Relaxed);
+                reg.uncharge(bc, ALLOCATIONS, o - STOCK_OBJECTS);
+            }
+        }
+        self.unlock();
+    }
+
+    /// Owner: gives the whole stock back.
+    pub(crate) fn drain(&self, reg: &Registry) {
+        self.lock();
+        self.drain_locked(reg);
+        self.unlock();
+    }
+
+    /// Gives the whole stock back; the caller holds the lock and no fast path is running.
+    fn drain_locked(&self, reg: &Registry) {
+        let bc = self.bc.load(Relaxed);
+        if bc == NONE {
+            return;
+        }
+        let (m, o) = (self.mem.load(Relaxed), self.objs.load(Relaxed));
+        // Zero the stock before uncharging, so `stocked` never counts more than is charged.
+        self.mem.store(0, Relaxed);
+        self.objs.store(0, Relaxed);
+        self.bc.store(NONE, Relaxed);
+        reg.uncharge(bc, MEMORY, m);
+        reg.uncharge(bc, ALLOCATIONS, o);
+    }
 }
 
-#[cold]
-#[inline(never)]
-fn charge_object_slow(bc: u32, bytes: u64, severity: Severity) -> Result<(), Exceeded> {
-    let reg = registry();
-    let mut s = mine();
-    if s == UNCLAIMED {
-        s = claim();
-        let _ = MINE.try_with(|m| m.set(s));
-    }
-    if s == DIRECT || severity != Severity::Limit {
-        return charge_direct(reg, bc, bytes, 1, severity);
-    }
-    // SAFETY: a claimed slot, used only by this thread until it exits.
-    let s = unsafe { &*s };
-    if s.bc.load(Relaxed) != bc {
-        drain(s);
-    }
-    // Refill with a batch on top of this charge; if that does not fit, charge exactly.
-    if charge_direct(reg, bc, bytes + STOCK_BYTES, 1 + STOCK_OBJECTS, severity).is_ok() {
-        s.mem.store(s.mem.load(Relaxed) + STOCK_BYTES, Relaxed);
-        s.objs.store(s.objs.load(Relaxed) + STOCK_OBJECTS, Relaxed);
-        s.bc.store(bc, Relaxed);
-        return Ok(());
-    }
-    charge_direct(reg, bc, bytes, 1, severity)
-}
-
-fn charge_direct(
+/// Charges `mem` bytes and `objs` objects, both or neither.
+pub(crate) fn charge_pair(
     reg: &Registry,
     bc: u32,
-    bytes: u64,
+    mem: u64,
     objs: u64,
     severity: Severity,
 ) -> Result<(), Exceeded> {
-    reg.charge(bc, Resource::Memory, 0, bytes, severity)?;
-    if let Err(e) = reg.charge(bc, Resource::Allocations, 1, objs, severity) {
-        reg.uncharge(bc, 0, bytes);
+    reg.charge(bc, Resource::Memory, MEMORY, mem, severity)?;
+    if let Err(e) = reg.charge(bc, Resource::Allocations, ALLOCATIONS, objs, severity) {
+        reg.uncharge(bc, MEMORY, mem);
         return Err(e);
     }
     Ok(())
 }
 
-/// Gives back what a freed object was charged: into this thread's stock if it holds that
-/// beancounter, else to the beancounter directly.
-#[inline]
-pub(crate) fn uncharge_object(bc: u32, bytes: u64) {
-    let s = mine();
-    if s as usize > DIRECT as usize {
-        // SAFETY: a claimed slot, used only by this thread until it exits.
-        let s = unsafe { &*s };
-        if s.bc.load(Relaxed) == bc {
-            let (m, o) = (s.mem.load(Relaxed) + bytes, s.objs.load(Relaxed) + 1);
-            s.mem.store(m, Relaxed);
-            s.objs.store(o, Relaxed);
-            if m > 2 * STOCK_BYTES || o > 2 * STOCK_OBJECTS {
-                trim(s, bc);
-            }
-            return;
-        }
-    }
-    let reg = registry();
-    reg.uncharge(bc, 0, bytes);
-    reg.uncharge(bc, 1, 1);
+/// The batch a refill for `bc` may take: at most `STOCK_BYTES`/`STOCK_OBJECTS`, and at
+/// most `headroom / (2 × CPUs)` of the tightest limit on the way up.
+fn batch(reg: &Registry, bc: u32) -> (u64, u64) {
+    let share = 2 * cpus();
+    let mem = reg.headroom(bc, MEMORY) / share;
+    let objs = reg.headroom(bc, ALLOCATIONS) / share;
+    (mem.min(STOCK_BYTES), objs.min(STOCK_OBJECTS))
 }
 
-/// Gives back what a stock holds beyond one batch.
-#[cold]
-fn trim(s: &Slot, bc: u32) {
-    let reg = registry();
-    let (m, o) = (s.mem.load(Relaxed), s.objs.load(Relaxed));
-    if m > STOCK_BYTES {
-        s.mem.store(STOCK_BYTES, Relaxed);
-        reg.uncharge(bc, 0, m - STOCK_BYTES);
+/// Reclaimer: takes back every stock among `slots` that holds `target` or one of its
+/// descendants. Returns how many stocks were taken. The caller serialises reclaimers.
+pub(crate) fn reclaim<'a>(
+    reg: &Registry,
+    slots: impl Iterator<Item = &'a StockSlot> + Clone,
+    target: u32,
+) -> usize {
+    let wanted = |s: &StockSlot| {
+        let bc = s.bc.load(Relaxed);
+        bc != NONE && reg.is_self_or_descendant(bc, target)
+    };
+    // Lock and flag every candidate, then one fence for all of them.
+    let mut flagged = 0;
+    for s in slots.clone().filter(|s| wanted(s)) {
+        s.lock();
+        s.steal.store(1, Relaxed);
+        flagged += 1;
     }
-    if o > STOCK_OBJECTS {
-        s.objs.store(STOCK_OBJECTS, Relaxed);
-        reg.uncharge(bc, 1, o - STOCK_OBJECTS);
-    }
-}
-
-/// Gives a stock back to its beancounter.
-fn drain(s: &Slot) {
-    let bc = s.bc.load(Relaxed);
-    if bc == NONE {
-        return;
-    }
-    let reg = registry();
-    let (m, o) = (s.mem.load(Relaxed), s.objs.load(Relaxed));
-    // Zero the stock before uncharging, so `stocked` never counts more than is charged.
-    s.mem.store(0, Relaxed);
-    s.objs.store(0, Relaxed);
-    s.bc.store(NONE, Relaxed);
-    reg.uncharge(bc, 0, m);
-    reg.uncharge(bc, 1, o);
-}
-
-/// Drains this thread's stock (when it leaves a tenant for good, or before a check that
-/// must see exact counters).
-pub(crate) fn drain_current() {
-    let s = mine();
-    if s as usize > DIRECT as usize {
-        // SAFETY: a claimed slot, used only by this thread.
-        drain(unsafe { &*s });
-    }
-}
-
-/// Thread exit: drains the stock, frees the slot, and makes later charges of this thread
-/// direct.
-pub(crate) fn thread_exit() {
-    let s = mine();
-    let _ = MINE.try_with(|m| m.set(DIRECT));
-    if s as usize <= DIRECT as usize {
-        return;
-    }
-    // SAFETY: a claimed slot, used only by this thread, which is giving it up.
-    let slot = unsafe { &*s };
-    drain(slot);
-    let mut t = TABLE.lock();
-    let index = (s as usize - t.slots as usize) / core::mem::size_of::<Slot>();
-    slot.next_free.store(t.free, Relaxed);
-    t.free = index as u32;
-}
-
-/// What stocks hold of counter `ri` for beancounter `index` (its own stocks and those of
-/// its descendants, which were charged to it too).
-pub(crate) fn stocked(index: u32, ri: usize) -> u64 {
-    if ri > 1 {
+    if flagged == 0 {
         return 0;
     }
-    let base = SLOTS_PTR.load(crate::sync::Ordering::Acquire);
-    let hwm = HWM.load(crate::sync::Ordering::Acquire);
-    let reg = registry();
-    let mut sum = 0;
-    for i in 0..hwm {
-        // SAFETY: `i < hwm`: a slot of the mapped table (mapped before `hwm` grew).
-        let s = unsafe { &*base.add(i) };
-        let bc = s.bc.load(Relaxed);
-        if bc != NONE && reg.is_self_or_descendant(bc, index) {
-            sum += if ri == 0 {
-                s.mem.load(Relaxed)
-            } else {
-                s.objs.load(Relaxed)
-            };
+    reclaimer_fence();
+    let mut taken = 0;
+    for s in slots.filter(|s| s.steal.load(Relaxed) != 0) {
+        while s.busy.load(Acquire) != 0 {
+            spin();
+        }
+        // Under the slot's lock the stocked beancounter cannot change; re-check it.
+        if wanted(s) {
+            s.drain_locked(reg);
+            taken += 1;
+        }
+        s.steal.store(0, Release);
+        s.unlock();
+    }
+    taken
+}
+
+fn spin() {
+    #[cfg(beancounter_loom)]
+    loom::thread::yield_now();
+    #[cfg(not(beancounter_loom))]
+    std::thread::yield_now();
+}
+
+/// The owner's side of the asymmetric fence.
+#[inline]
+fn owner_fence() {
+    #[cfg(beancounter_loom)]
+    fence(Ordering::SeqCst);
+    #[cfg(not(beancounter_loom))]
+    {
+        compiler_fence(Ordering::SeqCst);
+        if !membarrier::available() {
+            fence(Ordering::SeqCst);
         }
     }
-    sum
 }
 
-/// Takes the stock-table lock around `fork()`.
-pub(crate) fn lock_for_fork() {
-    core::mem::forget(TABLE.lock());
+/// The reclaimer's side: a full fence on every CPU running this process.
+fn reclaimer_fence() {
+    #[cfg(beancounter_loom)]
+    fence(Ordering::SeqCst);
+    #[cfg(not(beancounter_loom))]
+    {
+        fence(Ordering::SeqCst);
+        membarrier::run();
+    }
 }
 
-/// Releases the lock taken by [`lock_for_fork`].
-///
-/// # Safety
-/// Only after `lock_for_fork`, in the parent or the child.
-pub(crate) unsafe fn unlock_after_fork() {
-    // SAFETY: locked by `lock_for_fork`, guard forgotten.
-    unsafe { TABLE.force_unlock() }
+#[cfg(beancounter_loom)]
+fn cpus() -> u64 {
+    1
+}
+
+#[cfg(not(beancounter_loom))]
+fn cpus() -> u64 {
+    use crate::sync::AtomicU32 as A;
+    static CPUS: A = A::new(0);
+    let n = CPUS.load(Relaxed);
+    if n != 0 {
+        return n as u64;
+    }
+    // SAFETY: sysconf has no preconditions; it reads the CPU count without allocating.
+    let n = unsafe { libc::sysconf(libc::_SC_NPROCESSORS_ONLN) }.clamp(1, 4096) as u32;
+    CPUS.store(n, Relaxed);
+    n as u64
+}
+
+/// `membarrier(2)`: a full fence on every CPU that runs a thread of this process, issued by
+/// one thread. Registered on first use; where the kernel refuses, owners fence themselves.
+#[cfg(not(beancounter_loom))]
+mod membarrier {
+    use crate::sync::{AtomicU32, Ordering::Relaxed};
+
+    const CMD_PRIVATE_EXPEDITED: libc::c_long = 1 << 3;
+    const CMD_REGISTER_PRIVATE_EXPEDITED: libc::c_long = 1 << 4;
+
+    /// 0 = not tried, 1 = registered, 2 = unavailable.
+    static STATE: AtomicU32 = AtomicU32::new(0);
+
+    /// Whether reclaimers can fence owners. Owners read this on every stock operation; it
+    /// is settled (by `register`) before any stock exists.
+    #[inline]
+    pub(super) fn available() -> bool {
+        STATE.load(Relaxed) == 1
+    }
+
+    /// Registers the process for expedited membarriers; called before the first stock.
+    pub(super) fn register() {
+        if STATE.load(Relaxed) != 0 {
+            return;
+        }
+        // SAFETY: membarrier takes no pointers; an unknown command just fails.
+        let ok =
+            unsafe { libc::syscall(libc::SYS_membarrier, CMD_REGISTER_PRIVATE_EXPEDITED, 0, 0) }
+                == 0;
+        STATE.store(if ok { 1 } else { 2 }, Relaxed);
+    }
+
+    pub(super) fn run() {
+        if available() {
+            // SAFETY: as in `register`; registered, so this command is allowed.
+            unsafe { libc::syscall(libc::SYS_membarrier, CMD_PRIVATE_EXPEDITED, 0, 0) };
+        }
+    }
+}
+
+// ---- the process's stock table and the thread's slot --------------------------------------
+
+#[cfg(not(beancounter_loom))]
+pub(crate) use table::*;
+
+#[cfg(not(beancounter_loom))]
+mod table {
+    use super::{membarrier, reclaim, GiveBack, StockSlot, NONE};
+    use crate::accounting::handle::registry;
+    use crate::accounting::types::{Exceeded, Severity};
+    use crate::sync::{AtomicPtr, AtomicUsize, Mutex, Ordering};
+    use core::cell::Cell;
+    use core::ptr;
+
+    /// Threads that can hold a stock at once; more threads charge directly.
+    const SLOTS: usize = 16 << 10;
+
+    struct Table {
+        slots: *mut StockSlot,
+        /// Slots at or above `hwm` were never used.
+        hwm: usize,
+        free: u32,
+    }
+
+    // SAFETY: the pointer is to the table's own mapping; the table is reached through a
+    // lock.
+    unsafe impl Send for Table {}
+
+    static TABLE: Mutex<Table> = Mutex::new(Table {
+        slots: ptr::null_mut(),
+        hwm: 0,
+        free: NONE,
+    });
+    /// `Table::slots` and `hwm`, readable without the lock by `stocked` and reclaimers.
+    static SLOTS_PTR: AtomicPtr<StockSlot> = AtomicPtr::new(ptr::null_mut());
+    static HWM: AtomicUsize = AtomicUsize::new(0);
+    /// Serialises reclaimers (each locks many slots).
+    static RECLAIM: Mutex<()> = Mutex::new(());
+
+    /// Not claimed yet.
+    const UNCLAIMED: *const StockSlot = ptr::null();
+    /// No stock for this thread (table full, or the thread is exiting): charge directly.
+    const DIRECT: *const StockSlot = ptr::dangling();
+
+    thread_local! {
+        static MINE: Cell<*const StockSlot> = const { Cell::new(UNCLAIMED) };
+    }
+
+    /// This thread's slot, if it has one.
+    #[inline]
+    fn mine() -> Option<&'static StockSlot> {
+        let s = MINE.try_with(|m| m.get()).unwrap_or(DIRECT);
+        if s == UNCLAIMED || s == DIRECT {
+            return None;
+        }
+        // SAFETY: a claimed slot of the table, which is never unmapped, used by this thread
+        // as owner until it exits.
+        Some(unsafe { &*s })
+    }
+
+    fn all_slots() -> impl Iterator<Item = &'static StockSlot> + Clone {
+        let base = SLOTS_PTR.load(Ordering::Acquire);
+        let hwm = HWM.load(Ordering::Acquire);
+        // SAFETY: `i < hwm`: a slot of the mapped table, initialised before `hwm` grew past
+        // it (Release store in `claim`, Acquire load above).
+        (0..hwm).map(move |i| unsafe { &*base.add(i) })
+    }
+
+    fn claim() -> *const StockSlot {
+        membarrier::register();
+        let mut t = TABLE.lock();
+        if t.slots.is_null() {
+            match crate::os::map(SLOTS * core::mem::size_of::<StockSlot>()) {
+                Some(p) => {
+                    t.slots = p.as_ptr().cast();
+                    SLOTS_PTR.store(t.slots, Ordering::Release);
+                }
+                None => return DIRECT,
+            }
+        }
+        let index = if t.free != NONE {
+            let i = t.free as usize;
+            // SAFETY: free-list entries are below `hwm`, inside the table.
+            t.free = unsafe { (*t.slots.add(i)).next_free.load(Ordering::Relaxed) };
+            i
+        } else if t.hwm < SLOTS {
+            // SAFETY: `hwm < SLOTS`: inside the mapping; nobody reads it before `hwm` grows.
+            unsafe { t.slots.add(t.hwm).write(StockSlot::new()) };
+            t.hwm += 1;
+            HWM.store(t.hwm, Ordering::Release);
+            t.hwm - 1
+        } else {
+            return DIRECT;
+        };
+        // SAFETY: `index < hwm`, a slot nobody owns.
+        unsafe { t.slots.add(index) }
+    }
+
+    /// Charges `bytes` of `Memory` and one of `Allocations` to slot `bc` for a new object.
+    #[inline]
+    pub(crate) fn charge_object(bc: u32, bytes: u64, severity: Severity) -> Result<(), Exceeded> {
+        if severity == Severity::Limit {
+            if let Some(s) = mine() {
+                if s.try_consume(bc, bytes) {
+                    return Ok(());
+                }
+            }
+        }
+        charge_object_slow(bc, bytes, severity)
+    }
+
+    #[cold]
+    #[inline(never)]
+    fn charge_object_slow(bc: u32, bytes: u64, severity: Severity) -> Result<(), Exceeded> {
+        let reg = registry();
+        if MINE.try_with(|m| m.get()).unwrap_or(DIRECT) == UNCLAIMED {
+            let s = claim();
+            let _ = MINE.try_with(|m| m.set(s));
+        }
+        let first = match mine() {
+            Some(s) => s.charge_slow(reg, bc, bytes, severity),
+            None => super::charge_pair(reg, bc, bytes, 1, severity),
+        };
+        match first {
+            Ok(()) => Ok(()),
+            Err(e) if severity != Severity::Force => {
+                // Before refusing: take back every stock of the refusing level, retry once.
+                if let Some(target) = reg.index_of(e.id, bc) {
+                    reclaim_all(target);
+                }
+                super::charge_pair(reg, bc, bytes, 1, severity)
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Takes back every stock held for `target` or its descendants, this thread's included.
+    pub(crate) fn reclaim_all(target: u32) -> usize {
+        let _one_at_a_time = RECLAIM.lock();
+        reclaim(registry(), all_slots(), target)
+    }
+
+    /// Gives back what a freed object was charged: into this thread's stock if it holds that
+    /// beancounter, else to the beancounter directly.
+    #[inline]
+    pub(crate) fn uncharge_object(bc: u32, bytes: u64) {
+        if let Some(s) = mine() {
+            match s.try_give_back(bc, bytes) {
+                GiveBack::Done => return,
+                GiveBack::Trim => return s.trim(registry()),
+                GiveBack::NotMine => {}
+            }
+        }
+        super::charge_pair_undo(registry(), bc, bytes);
+    }
+
+    /// Drains this thread's stock.
+    pub(crate) fn drain_current() {
+        if let Some(s) = mine() {
+            s.drain(registry());
+        }
+    }
+
+    /// Thread exit: drains the stock, frees the slot, and makes later charges of this
+    /// thread direct.
+    pub(crate) fn thread_exit() {
+        let s = mine();
+        let _ = MINE.try_with(|m| m.set(DIRECT));
+        let Some(slot) = s else { return };
+        slot.drain(registry());
+        let mut t = TABLE.lock();
+        let index = (slot as *const StockSlot as usize - t.slots as usize)
+            / core::mem::size_of::<StockSlot>();
+        slot.next_free.store(t.free, Ordering::Relaxed);
+        t.free = index as u32;
+    }
+
+    /// What stocks hold of counter `ri` for beancounter `index` (its own stocks and those
+    /// of its descendants, which were charged to it too).
+    pub(crate) fn stocked(index: u32, ri: usize) -> u64 {
+        if ri > 1 {
+            return 0;
+        }
+        let reg = registry();
+        all_slots()
+            .map(|s| s.peek())
+            .filter(|&(bc, _, _)| bc != NONE && reg.is_self_or_descendant(bc, index))
+            .map(|(_, m, o)| if ri == 0 { m } else { o })
+            .sum()
+    }
+
+    /// Takes the stock-table lock around `fork()`.
+    pub(crate) fn lock_for_fork() {
+        core::mem::forget(RECLAIM.lock());
+        core::mem::forget(TABLE.lock());
+    }
+
+    /// Releases the locks taken by [`lock_for_fork`].
+    ///
+    /// # Safety
+    /// Only after `lock_for_fork`, in the parent or the child.
+    pub(crate) unsafe fn unlock_after_fork() {
+        // SAFETY: locked by `lock_for_fork`, guards forgotten.
+        unsafe {
+            TABLE.force_unlock();
+            RECLAIM.force_unlock();
+        }
+    }
+}
+
+/// Uncharges what one object was charged, directly.
+pub(crate) fn charge_pair_undo(reg: &Registry, bc: u32, bytes: u64) {
+    reg.uncharge(bc, MEMORY, bytes);
+    reg.uncharge(bc, ALLOCATIONS, 1);
 }
