@@ -35,10 +35,12 @@ mod alloc;
 mod os;
 mod sync;
 
-pub use accounting::context::{current, current_id, ExecGuard};
+pub use accounting::beancounter::Events;
+pub use accounting::context::{current, current_id, fallible, forced, ExecGuard};
+pub use accounting::future::{FutureExt, Guarded, InBeancounter};
 pub use accounting::handle::{
-    capacity, check_invariants, default_limits, find_or_create, live_count, lookup, reap,
-    register_resource, root, set_default_limits, set_limits, stat, Beancounter, Charge,
+    capacity, check_invariants, checkpoint, default_limits, find_or_create, live_count, lookup,
+    reap, register_resource, root, set_default_limits, set_limits, stat, Beancounter, Charge,
 };
 pub use accounting::registry::{DEFAULT_CAPACITY, MAX_CAPACITY};
 pub use accounting::stock::{STOCK_BYTES, STOCK_OBJECTS};
@@ -46,6 +48,8 @@ pub use accounting::types::{
     BcError, BcId, Exceeded, Limits, Resource, ResourceStat, Severity, MAX, MAX_CUSTOM_RESOURCES,
     MAX_DEPTH,
 };
+#[cfg(feature = "allocator-api2")]
+pub use alloc::global::BcAllocator;
 pub use alloc::global::{check_heap, drain_stock, fail_next_os_maps, mapped_bytes, BeanAlloc};
 
 /// Threads that start in the spawning thread's fork beancounter.

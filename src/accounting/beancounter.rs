@@ -37,11 +37,13 @@ pub(crate) struct Refusal {
 
 /// One resource of one beancounter.
 ///
-/// Aligned to a cache line so that two resources, or two beancounters, never share one:
-/// charges of different tenants must not contend.
+/// The fields a charge reads sit in the first cache line, the event counts (written only
+/// on crossings, refusals and forced charges) in the second; aligned so that two
+/// resources, or two beancounters, never share a line: charges of different tenants must
+/// not contend.
 #[repr(align(64))]
 pub(crate) struct ResourceCounter {
-    /// What is held now. Signed so add-then-rollback can never wrap.
+    /// What is held now. Signed so nothing can wrap.
     held: AtomicI64,
     /// Highest `held` since the window was reset.
     maxheld: AtomicI64,
@@ -55,6 +57,29 @@ pub(crate) struct ResourceCounter {
     failcnt: AtomicU64,
     /// Uncharges of more than was held (a caller bug), clamped to zero.
     warnings: AtomicU64,
+    /// Charges that took `held` from at or below the barrier to above it.
+    crossings: AtomicU64,
+    /// Refusals of `Barrier` charges.
+    refused_barrier: AtomicU64,
+    /// Refusals of `Limit` charges.
+    refused_limit: AtomicU64,
+    /// `Force` charges that left `held` above the limit.
+    forced_past: AtomicU64,
+}
+
+/// Event counts of one resource of one beancounter, since it was created.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, Debug, Default)]
+pub struct Events {
+    /// Charges that took `held` over the barrier (from at or below it).
+    pub barrier_crossings: u64,
+    /// Charges checked against the barrier (fallible requests) that were refused.
+    pub refused_at_barrier: u64,
+    /// Charges checked against the limit (ordinary allocations) that were refused.
+    pub refused_at_limit: u64,
+    /// `Force` charges that left `held` above the limit.
+    pub forced_past_limit: u64,
+    /// Uncharges of more than was held (a caller bug; the counter was clamped at zero).
+    pub uncharge_warnings: u64,
 }
 
 impl ResourceCounter {
@@ -70,6 +95,10 @@ impl ResourceCounter {
                 limit: AtomicI64::new(limit as i64),
                 failcnt: AtomicU64::new(0),
                 warnings: AtomicU64::new(0),
+                crossings: AtomicU64::new(0),
+                refused_barrier: AtomicU64::new(0),
+                refused_limit: AtomicU64::new(0),
+                forced_past: AtomicU64::new(0),
             }
         }
     }
@@ -82,6 +111,10 @@ impl ResourceCounter {
         self.minheld.store(0, Relaxed);
         self.failcnt.store(0, Relaxed);
         self.warnings.store(0, Relaxed);
+        self.crossings.store(0, Relaxed);
+        self.refused_barrier.store(0, Relaxed);
+        self.refused_limit.store(0, Relaxed);
+        self.forced_past.store(0, Relaxed);
         self.set_limits(barrier, limit);
     }
 
@@ -100,9 +133,11 @@ impl ResourceCounter {
     /// `Force` is bounded only by `MAX`, so that `held` can never overflow.
     #[inline]
     pub(crate) fn try_add(&self, n: u64, severity: Severity) -> Result<i64, Refusal> {
+        let barrier = self.barrier.load(Relaxed);
+        let limit = self.limit.load(Relaxed);
         let bound = match severity {
-            Severity::Barrier => self.barrier.load(Relaxed),
-            Severity::Limit => self.limit.load(Relaxed),
+            Severity::Barrier => barrier,
+            Severity::Limit => limit,
             Severity::Force => i64::MAX,
         };
         let mut cur = self.held.load(Relaxed);
@@ -110,12 +145,28 @@ impl ResourceCounter {
             // `0 <= cur <= MAX`, so the sum fits in u64 unless `n` is absurd.
             let new = match (cur as u64).checked_add(n) {
                 Some(new) if new <= bound as u64 => new as i64,
-                _ => return Err(self.refuse(cur, bound)),
+                _ => return Err(self.refuse(cur, bound, severity)),
             };
             match self.held.compare_exchange_weak(cur, new, Relaxed, Relaxed) {
-                Ok(_) => return Ok(new),
+                Ok(_) => {
+                    if new > barrier && (cur <= barrier || new > limit) {
+                        self.note_bound_passed(cur, new, barrier, limit);
+                    }
+                    return Ok(new);
+                }
                 Err(actual) => cur = actual,
             }
+        }
+    }
+
+    /// Counts a charge that crossed the barrier, or a forced one past the limit.
+    #[cold]
+    fn note_bound_passed(&self, before: i64, after: i64, barrier: i64, limit: i64) {
+        if before <= barrier {
+            self.crossings.fetch_add(1, Relaxed);
+        }
+        if after > limit {
+            self.forced_past.fetch_add(1, Relaxed);
         }
     }
 
@@ -139,8 +190,14 @@ impl ResourceCounter {
     }
 
     #[cold]
-    fn refuse(&self, held: i64, bound: i64) -> Refusal {
+    fn refuse(&self, held: i64, bound: i64, severity: Severity) -> Refusal {
         self.failcnt.fetch_add(1, Relaxed);
+        match severity {
+            Severity::Barrier => self.refused_barrier.fetch_add(1, Relaxed),
+            Severity::Limit => self.refused_limit.fetch_add(1, Relaxed),
+            // Only a charge past MAX: counted in failcnt alone.
+            Severity::Force => 0,
+        };
         Refusal {
             held: held.max(0) as u64,
             bound: bound as u64,
@@ -196,8 +253,25 @@ impl ResourceCounter {
     }
 
     /// How many uncharges gave back more than was held.
+    #[cfg(test)]
     pub(crate) fn warnings(&self) -> u64 {
         self.warnings.load(Relaxed)
+    }
+
+    /// How much more a charge could add before passing the barrier.
+    pub(crate) fn barrier_headroom(&self) -> u64 {
+        (self.barrier.load(Relaxed) - self.held.load(Relaxed)).max(0) as u64
+    }
+
+    /// The event counts.
+    pub(crate) fn events(&self) -> Events {
+        Events {
+            barrier_crossings: self.crossings.load(Relaxed),
+            refused_at_barrier: self.refused_barrier.load(Relaxed),
+            refused_at_limit: self.refused_limit.load(Relaxed),
+            forced_past_limit: self.forced_past.load(Relaxed),
+            uncharge_warnings: self.warnings.load(Relaxed),
+        }
     }
 
     /// Reads every field. Fields are read one by one, so a stat taken while charges run is

@@ -17,7 +17,7 @@
 
 use super::handle::{registry, Beancounter};
 use super::registry::ROOT;
-use super::types::BcId;
+use super::types::{BcId, Severity};
 use core::cell::Cell;
 use core::marker::PhantomData;
 
@@ -28,11 +28,18 @@ struct Context {
     fork: Cell<u32>,
     /// Number of live guards, for detecting out-of-order drops.
     depth: Cell<u32>,
+    /// What this thread's allocations are checked against (see `fallible`, `forced`).
+    severity: Cell<Severity>,
 }
 
 thread_local! {
     static CONTEXT: Context = const {
-        Context { exec: Cell::new(ROOT), fork: Cell::new(ROOT), depth: Cell::new(0) }
+        Context {
+            exec: Cell::new(ROOT),
+            fork: Cell::new(ROOT),
+            depth: Cell::new(0),
+            severity: Cell::new(Severity::Limit),
+        }
     };
     static EXIT: ExitHook = const { ExitHook };
 }
@@ -211,4 +218,63 @@ impl Beancounter {
             reg.release(c.fork.replace(index));
         });
     }
+}
+
+/// What this thread's allocations are checked against now: `Limit` unless inside
+/// [`fallible`] (`Barrier`) or [`forced`] (`Force`).
+#[inline]
+pub(crate) fn severity() -> Severity {
+    CONTEXT
+        .try_with(|c| c.severity.get())
+        .unwrap_or(Severity::Limit)
+}
+
+/// Restores the severity a scope replaced, also when the scope unwinds.
+struct SeverityScope(Severity);
+
+impl Drop for SeverityScope {
+    fn drop(&mut self) {
+        let _ = CONTEXT.try_with(|c| c.severity.set(self.0));
+    }
+}
+
+fn with_severity<R>(severity: Severity, f: impl FnOnce() -> R) -> R {
+    let prev = CONTEXT
+        .try_with(|c| c.severity.replace(severity))
+        .unwrap_or(Severity::Limit);
+    let _restore = SeverityScope(prev);
+    f()
+}
+
+/// Runs `f` with its allocations checked against the **barrier** of the current tenant
+/// (and its ancestors) instead of the limit: over the barrier they fail gracefully, so
+/// `try_reserve` returns `Err` and `Allocator`-based collections get `AllocError`, and the
+/// process keeps running. (An infallible `Box::new` or `Vec::push` that fails still aborts:
+/// use this around code that handles allocation failure.)
+///
+/// # Examples
+/// ```
+/// #[global_allocator]
+/// static A: beancounter::BeanAlloc = beancounter::BeanAlloc::new();
+/// # fn main() {
+/// use beancounter::{BcId, Limits, Resource};
+/// let t = beancounter::find_or_create(BcId(41)).unwrap();
+/// t.set_limits(Resource::Memory, Limits::new(1 << 20, 64 << 20).unwrap()).unwrap();
+/// let _g = t.enter();
+/// let mut v: Vec<u8> = Vec::new();
+/// // 4 MiB fits under the limit, but not under the barrier:
+/// assert!(beancounter::fallible(|| v.try_reserve(4 << 20)).is_err());
+/// assert!(v.try_reserve(4 << 20).is_ok());
+/// # }
+/// ```
+pub fn fallible<R>(f: impl FnOnce() -> R) -> R {
+    with_severity(Severity::Barrier, f)
+}
+
+/// Runs `f` with its allocations never refused by a beancounter bound (they are still
+/// counted, and each one that leaves `held` above the limit is counted in
+/// [`Events::forced_past_limit`](crate::Events)): for host code that must not fail, such as
+/// cleanup on behalf of a tenant that is over its limit.
+pub fn forced<R>(f: impl FnOnce() -> R) -> R {
+    with_severity(Severity::Force, f)
 }

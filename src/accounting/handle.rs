@@ -1,6 +1,7 @@
 //! A1: the public face of the registry: the global table, [`Beancounter`] handles, RAII
 //! [`Charge`]s, and the free functions that work by id.
 
+use super::beancounter::Events;
 use super::registry::{Registry, ROOT};
 use super::stock;
 use super::types::{BcError, BcId, Exceeded, Limits, Resource, ResourceStat, Severity};
@@ -111,6 +112,15 @@ impl Beancounter {
         }
     }
 
+    /// `Err` while this beancounter, or an ancestor, holds more than its barrier of some
+    /// resource; see [`checkpoint`](crate::checkpoint).
+    ///
+    /// # Errors
+    /// As [`checkpoint`](crate::checkpoint).
+    pub fn check_barrier(&self) -> Result<(), Exceeded> {
+        over_barrier(self.index)
+    }
+
     /// Starts a new observation window on every resource: `maxheld = minheld = held`.
     pub fn reset_window(&self) {
         let reg = registry();
@@ -122,9 +132,27 @@ impl Beancounter {
     /// How many uncharges of `r` gave back more than was held (a bug in the caller; the
     /// counter was clamped at zero).
     pub fn uncharge_warnings(&self, r: Resource) -> u64 {
+        self.events(r).uncharge_warnings
+    }
+
+    /// The event counts of `r`: barrier crossings, refusals at the barrier and at the limit,
+    /// forced charges past the limit, uncharge warnings. An unregistered custom resource
+    /// reads as all zeros.
+    ///
+    /// # Examples
+    /// ```
+    /// use beancounter::{BcId, Limits, Resource, Severity};
+    /// let t = beancounter::find_or_create(BcId(40)).unwrap();
+    /// t.set_limits(Resource::Threads, Limits::new(1, 2).unwrap()).unwrap();
+    /// let a = t.charge(Resource::Threads, 2, Severity::Limit).unwrap();
+    /// assert!(t.charge(Resource::Threads, 1, Severity::Limit).is_err());
+    /// let e = t.events(Resource::Threads);
+    /// assert_eq!((e.barrier_crossings, e.refused_at_limit), (1, 1));
+    /// ```
+    pub fn events(&self, r: Resource) -> Events {
         let reg = registry();
         reg.resource_index(r)
-            .map_or(0, |ri| reg.counter(self.index, ri).warnings())
+            .map_or(Events::default(), |ri| reg.counter(self.index, ri).events())
     }
 
     /// Charges `n` units of `r` to this beancounter and its ancestors, checked with
@@ -310,6 +338,64 @@ fn true_stat(index: u32, ri: usize) -> ResourceStat {
     let mut s = registry().stat(index, ri);
     s.held = s.held.saturating_sub(stock::stocked(index, ri));
     s
+}
+
+/// `Err` while the current thread's tenant, or one of its ancestors, holds more than its
+/// barrier of some resource (true usage: stocks are not counted).
+///
+/// This is how ordinary code learns that its tenant crossed the barrier: ordinary
+/// allocations are checked against the limit only, so crossing the barrier does not fail
+/// them, but from then until usage falls back under the barrier, a runtime that calls
+/// `checkpoint()` between units of work (or wraps them with
+/// [`FutureExt::guarded`](crate::FutureExt::guarded)) can stop the tenant's work instead of
+/// the process.
+///
+/// # Errors
+/// The first resource found over its barrier, with `severity == Barrier`, `requested == 0`,
+/// `held` the true usage and `bound` the barrier.
+///
+/// # Examples
+/// ```
+/// use beancounter::{BcId, Limits, Resource, Severity};
+/// let t = beancounter::find_or_create(BcId(42)).unwrap();
+/// t.set_limits(Resource::Threads, Limits::new(1, 5).unwrap()).unwrap();
+/// let _g = t.enter();
+/// let c = t.charge(Resource::Threads, 2, Severity::Limit).unwrap();
+/// assert_eq!(beancounter::checkpoint().unwrap_err().bound, 1);
+/// drop(c);
+/// assert!(beancounter::checkpoint().is_ok());
+/// ```
+pub fn checkpoint() -> Result<(), Exceeded> {
+    over_barrier(super::context::exec_index())
+}
+
+/// `Err` if `index` or an ancestor holds more than its barrier of some resource.
+pub(crate) fn over_barrier(index: u32) -> Result<(), Exceeded> {
+    let reg = registry();
+    let mut at = index;
+    loop {
+        for ri in 0..reg.resource_count() {
+            let s = reg.stat(at, ri);
+            // Cheap test first: `held` includes stocks, so under it means under for real.
+            if s.held > s.barrier {
+                let held = s.held.saturating_sub(stock::stocked(at, ri));
+                if held > s.barrier {
+                    return Err(Exceeded {
+                        id: reg.id_of(at),
+                        resource: Resource::from_index(ri),
+                        severity: Severity::Barrier,
+                        requested: 0,
+                        held,
+                        bound: s.barrier,
+                    });
+                }
+            }
+        }
+        match reg.parent_of(at) {
+            Some(p) => at = p,
+            None => return Ok(()),
+        }
+    }
 }
 
 /// Sets the limits that beancounters created from now on start with (existing ones keep

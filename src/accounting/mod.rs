@@ -11,6 +11,8 @@ pub(crate) mod types;
 #[cfg(not(beancounter_loom))]
 pub(crate) mod context;
 #[cfg(not(beancounter_loom))]
+pub(crate) mod future;
+#[cfg(not(beancounter_loom))]
 pub(crate) mod handle;
 #[cfg(not(beancounter_loom))]
 pub(crate) mod spawn;

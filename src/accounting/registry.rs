@@ -460,13 +460,20 @@ impl Registry {
         (link != NO_PARENT).then_some(link)
     }
 
-    /// The smallest headroom below the limit of counter `ri` over `index` and its
-    /// ancestors: how much a `Limit` charge to `index` could add now.
+    /// The room a stock refill for `index` may draw on in counter `ri`: the smallest, over
+    /// `index` and its ancestors, of the headroom below the barrier while `held` is under
+    /// it (so that stocks do not push a tenant over its barrier), and below the limit once
+    /// it is over.
     pub(crate) fn headroom(&self, index: u32, ri: usize) -> u64 {
         let mut room = u64::MAX;
         let mut at = index;
         loop {
-            room = room.min(self.slot(at).counters[ri].headroom());
+            let c = &self.slot(at).counters[ri];
+            let here = match c.barrier_headroom() {
+                0 => c.headroom(),
+                below_barrier => below_barrier,
+            };
+            room = room.min(here);
             match self.parent_of(at) {
                 Some(p) => at = p,
                 None => return room,
@@ -588,6 +595,11 @@ impl Registry {
     pub(crate) unsafe fn unlock_after_fork(&self) {
         // SAFETY: locked by `lock_for_fork`, guard forgotten.
         unsafe { self.inner.force_unlock() }
+    }
+
+    /// Counters in use: the built-in resources and the registered custom ones.
+    pub(crate) fn resource_count(&self) -> usize {
+        3 + self.customs.load(Ordering::Acquire) as usize
     }
 
     /// Live beancounters besides the root.

@@ -69,6 +69,16 @@ impl Resource {
     /// The resources every beancounter has without registration.
     pub const BUILTIN: [Resource; 3] = [Resource::Memory, Resource::Allocations, Resource::Threads];
 
+    /// The resource of counter index `i` (`i < NUM_RESOURCES`).
+    pub(crate) fn from_index(i: usize) -> Resource {
+        match i {
+            0 => Resource::Memory,
+            1 => Resource::Allocations,
+            2 => Resource::Threads,
+            n => Resource::Custom((n - 3) as u8),
+        }
+    }
+
     /// The counter index of this resource, if it can exist at all.
     #[inline]
     pub(crate) fn index(self) -> Option<usize> {

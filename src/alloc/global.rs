@@ -39,9 +39,10 @@
 //! - Slab objects charge their class size, large blocks their page-rounded size, huge blocks
 //!   their page-rounded size (the head page is metadata). Every block charges one
 //!   `Allocations`.
-//! - The charge is checked against the limit (`Severity::Limit`) before any memory is
-//!   taken; a refusal returns null and leaves nothing charged. If the OS then refuses
-//!   memory, the charge is given back.
+//! - The charge is checked before any memory is taken, against the limit
+//!   (`Severity::Limit`), or the barrier inside `fallible`, or nothing inside `forced`; a
+//!   refusal returns null and leaves nothing charged. If the OS then refuses memory, the
+//!   charge is given back.
 //! - `realloc` in place keeps the block's owner: it happens only when the current exec
 //!   beancounter is that owner (the growth is charged to it); otherwise the block moves and
 //!   the new block is charged to the current exec beancounter like any allocation.
@@ -113,17 +114,22 @@ unsafe impl GlobalAlloc for BeanAlloc {
 
 #[inline]
 fn allocate(layout: Layout, zero: bool) -> *mut u8 {
+    allocate_for(context::exec_index(), context::severity(), layout, zero)
+}
+
+/// Allocates for beancounter slot `bc`, checking the charge with `severity`.
+#[inline]
+fn allocate_for(bc: u32, severity: Severity, layout: Layout, zero: bool) -> *mut u8 {
     match size_class::class_for(layout.size(), layout.align()) {
-        Some(class) => alloc_small(class, zero),
-        None => alloc_big(layout.size(), layout.align(), zero),
+        Some(class) => alloc_small(bc, severity, class, zero),
+        None => alloc_big(bc, severity, layout.size(), layout.align(), zero),
     }
 }
 
 #[inline]
-fn alloc_small(class: usize, zero: bool) -> *mut u8 {
-    let bc = context::exec_index();
+fn alloc_small(bc: u32, severity: Severity, class: usize, zero: bool) -> *mut u8 {
     let bytes = CLASSES[class].size as usize;
-    if stock::charge_object(bc, bytes as u64, Severity::Limit).is_err() {
+    if stock::charge_object(bc, bytes as u64, severity).is_err() {
         return ptr::null_mut();
     }
     let (p, slab, zeroed) = match thread_cache::alloc(class) {
@@ -158,13 +164,12 @@ fn alloc_small_slow(
 
 #[cold]
 #[inline(never)]
-fn alloc_big(size: usize, align: usize, zero: bool) -> *mut u8 {
+fn alloc_big(bc: u32, severity: Severity, size: usize, align: usize, zero: bool) -> *mut u8 {
     if align > MAX_ALIGN || size > isize::MAX as usize - MAX_ALIGN {
         return ptr::null_mut();
     }
-    let bc = context::exec_index();
     let bytes = size.next_multiple_of(PAGE).max(PAGE);
-    if charge(bc, bytes).is_err() {
+    if stock::charge_pair(handle::registry(), bc, bytes as u64, 1, severity).is_err() {
         return ptr::null_mut();
     }
     if bytes <= LARGE_MAX {
@@ -192,16 +197,6 @@ fn alloc_big(size: usize, align: usize, zero: bool) -> *mut u8 {
             ptr::null_mut()
         }
     }
-}
-
-fn charge(bc: u32, bytes: usize) -> Result<(), crate::Exceeded> {
-    let reg = handle::registry();
-    reg.charge(bc, Resource::Memory, 0, bytes as u64, Severity::Limit)?;
-    if let Err(e) = reg.charge(bc, Resource::Allocations, 1, 1, Severity::Limit) {
-        reg.uncharge(bc, 0, bytes as u64);
-        return Err(e);
-    }
-    Ok(())
 }
 
 fn uncharge(bc: u32, bytes: usize) {
@@ -276,7 +271,7 @@ unsafe fn reallocate(ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
                     Resource::Memory,
                     0,
                     (want - have) as u64,
-                    Severity::Limit,
+                    context::severity(),
                 )
                 .is_ok()
             {
@@ -293,7 +288,7 @@ unsafe fn reallocate(ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
             let grow = want.saturating_sub(have) as u64;
             if grow == 0
                 || reg
-                    .charge(bc, Resource::Memory, 0, grow, Severity::Limit)
+                    .charge(bc, Resource::Memory, 0, grow, context::severity())
                     .is_ok()
             {
                 if let Some(moved) = run::resize_huge(head, new_size) {
@@ -447,4 +442,70 @@ pub fn fail_next_os_maps(n: u32) {
 /// Gives this thread's stock back to its beancounter, so that `held` equals true usage.
 pub fn drain_stock() {
     stock::drain_current();
+}
+
+/// An [`Allocator`](allocator_api2::alloc::Allocator) that charges one beancounter, checked
+/// against its **barrier**: over it, allocation fails with `AllocError` instead of
+/// aborting, so collections built on `allocator-api2` (hashbrown's `HashMap::new_in`,
+/// `allocator_api2::vec::Vec::new_in`) stop growing at the barrier and report it. Blocks
+/// come from the crate's allocator whatever the global allocator is, and are uncharged
+/// from the beancounter when freed. Requires the `allocator-api2` feature.
+///
+/// # Examples
+/// ```
+/// use beancounter::{BcId, Limits, Resource};
+/// let tenant = beancounter::find_or_create(BcId(60)).unwrap();
+/// tenant.set_limits(Resource::Memory, Limits::new(64 << 10, 1 << 20).unwrap()).unwrap();
+/// let mut map = hashbrown::HashMap::new_in(tenant.allocator());
+/// let mut refused = None;
+/// for i in 0..100_000u64 {
+///     if let Err(e) = map.try_reserve(1) {
+///         refused = Some(e);
+///         break;
+///     }
+///     map.insert(i, i);
+/// }
+/// assert!(refused.is_some(), "the map stops growing at the barrier");
+/// assert!(tenant.stat(Resource::Memory).held <= 64 << 10);
+/// ```
+#[cfg(feature = "allocator-api2")]
+#[derive(Clone, Debug)]
+pub struct BcAllocator {
+    bc: crate::Beancounter,
+}
+
+#[cfg(feature = "allocator-api2")]
+impl crate::Beancounter {
+    /// An allocator handle that charges this beancounter; see [`BcAllocator`].
+    pub fn allocator(&self) -> BcAllocator {
+        BcAllocator { bc: self.clone() }
+    }
+}
+
+#[cfg(feature = "allocator-api2")]
+// SAFETY: blocks are valid for their layout until deallocated, never overlap, and can be
+// passed to any clone of the handle (they are plain blocks of the crate's allocator);
+// zero-sized requests get a dangling, aligned pointer that is never freed.
+unsafe impl allocator_api2::alloc::Allocator for BcAllocator {
+    fn allocate(
+        &self,
+        layout: Layout,
+    ) -> Result<ptr::NonNull<[u8]>, allocator_api2::alloc::AllocError> {
+        if layout.size() == 0 {
+            // SAFETY: an alignment is never zero.
+            let dangling = unsafe { ptr::NonNull::new_unchecked(layout.align() as *mut u8) };
+            return Ok(ptr::NonNull::slice_from_raw_parts(dangling, 0));
+        }
+        let p = allocate_for(self.bc.index(), Severity::Barrier, layout, false);
+        ptr::NonNull::new(p)
+            .map(|p| ptr::NonNull::slice_from_raw_parts(p, layout.size()))
+            .ok_or(allocator_api2::alloc::AllocError)
+    }
+
+    unsafe fn deallocate(&self, ptr: ptr::NonNull<u8>, layout: Layout) {
+        if layout.size() != 0 {
+            // SAFETY: the caller hands back a block this allocator returned with `layout`.
+            unsafe { deallocate(ptr.as_ptr(), layout) }
+        }
+    }
 }
