@@ -19,6 +19,21 @@ impl Runner {
     /// A runner; the first command-line argument that is not a flag filters checks by name.
     pub fn new() -> Runner {
         let filter = std::env::args().skip(1).find(|a| !a.starts_with('-'));
+        // One line per panic, without the backtrace RUST_BACKTRACE may ask for: the check's
+        // name and message say what broke.
+        panic::set_hook(Box::new(|info| {
+            let thread = std::thread::current();
+            eprintln!(
+                "thread '{}' panicked at {}:\n{}",
+                thread.name().unwrap_or("<unnamed>"),
+                info.location().map_or_else(String::new, |l| l.to_string()),
+                info.payload()
+                    .downcast_ref::<String>()
+                    .map(String::as_str)
+                    .or_else(|| info.payload().downcast_ref::<&str>().copied())
+                    .unwrap_or("(non-string payload)")
+            );
+        }));
         Runner {
             passed: 0,
             failed: Vec::new(),
@@ -28,6 +43,9 @@ impl Runner {
 
     /// Runs `f` as the check `name`; a panic fails it.
     pub fn check(&mut self, name: &'static str, f: impl FnOnce()) {
+        if child_role().is_some() {
+            return;
+        }
         if let Some(filter) = &self.filter {
             if !name.contains(filter.as_str()) {
                 return;
@@ -48,8 +66,27 @@ impl Runner {
         }
     }
 
+    /// Runs `f` as the check `name` in a child process (this binary again, with
+    /// [`CHILD_ENV`] set), so that an abort or a hang fails the check, not the whole binary.
+    /// The child must print `child ok` and exit 0 within `timeout_secs`.
+    pub fn isolated(&mut self, name: &'static str, timeout_secs: u64, f: impl FnOnce()) {
+        match child_role() {
+            Some(role) if role == name => {
+                f();
+                println!("child ok");
+                std::process::exit(0);
+            }
+            Some(_) => {}
+            None => self.check(name, || expect_child_ok(name, timeout_secs)),
+        }
+    }
+
     /// Prints the closing line and exits: status 0 only if every check passed.
     pub fn finish(self) -> ! {
+        if let Some(role) = child_role() {
+            println!("unknown child role {role}");
+            std::process::exit(2);
+        }
         if !self.failed.is_empty() {
             println!("failed checks:");
             for name in &self.failed {
@@ -149,16 +186,18 @@ pub fn canary(tag: u64, i: usize) -> u8 {
 }
 
 /// Offsets of `len` bytes that patterns are written at: every byte of a short block, else the
-/// first and last 64 bytes and one byte in every 4 KiB page (enough to see a block overlap or
-/// a lost page, without touching every byte of 64 MiB in a debug build).
+/// first and last 64 bytes and one byte in every 4 KiB page (every 64 KiB above 4 MiB): enough
+/// to see a block overlap or a lost page without touching every byte of 64 MiB in a debug
+/// build.
 pub fn sample_offsets(len: usize) -> impl Iterator<Item = usize> {
     let dense = len <= 1024;
     let head = if dense { len } else { 64 };
     let tail_start = if dense { len } else { len - 64 };
+    let stride = if len > 4 << 20 { 64 << 10 } else { 4096 };
     (0..head)
         .chain(
             (head..tail_start)
-                .step_by(4096)
+                .step_by(stride)
                 .map(move |o| o + (o / 4096) % 61),
         )
         .chain(tail_start..len)
@@ -242,4 +281,61 @@ pub unsafe fn verify_prefix(p: *const u8, len: usize, keep: usize, tag: u64) -> 
         }
     }
     Ok(())
+}
+
+/// The environment variable that makes a test binary run one check as a child process.
+pub const CHILD_ENV: &str = "BEANCOUNTER_TEST_CHILD";
+
+/// In a child started by [`run_child`]: the name of the check to run.
+pub fn child_role() -> Option<String> {
+    std::env::var(CHILD_ENV).ok()
+}
+
+/// Runs this test binary again with [`CHILD_ENV`] set to `role`, waits at most `timeout`
+/// (killing it after that), and returns its exit status (`None` if killed) and output.
+pub fn run_child(
+    role: &str,
+    timeout: std::time::Duration,
+) -> (Option<std::process::ExitStatus>, String) {
+    let exe = std::env::current_exe().expect("current_exe");
+    let path = std::env::temp_dir().join(format!(
+        "beancounter-child-{}-{role}.log",
+        std::process::id()
+    ));
+    let log = std::fs::File::create(&path).expect("child log");
+    let mut child = std::process::Command::new(exe)
+        .env(CHILD_ENV, role)
+        .stdout(log.try_clone().unwrap())
+        .stderr(log)
+        .spawn()
+        .expect("spawn child");
+    let deadline = Instant::now() + timeout;
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break Some(status);
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            break None;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    };
+    let out = std::fs::read_to_string(&path).unwrap_or_default();
+    let _ = std::fs::remove_file(&path);
+    (status, out)
+}
+
+/// Runs check `role` in a child process (for checks that may abort the process or change
+/// process-wide limits) and fails unless it printed `child ok` and exited with status 0.
+pub fn expect_child_ok(role: &str, timeout_secs: u64) {
+    let (status, out) = run_child(role, std::time::Duration::from_secs(timeout_secs));
+    for line in out.lines() {
+        println!("    | {line}");
+    }
+    let status = status.unwrap_or_else(|| panic!("child {role} hung for {timeout_secs} s"));
+    assert!(
+        status.success() && out.contains("child ok"),
+        "child {role} failed: {status}"
+    );
 }
