@@ -5,7 +5,7 @@
 
 mod common;
 
-use beancounter::{BcId, BeanAlloc, Beancounter, Resource, ResourceStat};
+use beancounter::{BcId, BeanAlloc, Beancounter, Limits, Resource, ResourceStat};
 use common::{fill, held, tenant, verify, verify_prefix, Rng, Runner, SendPtr};
 use std::alloc::{GlobalAlloc, Layout};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -38,6 +38,11 @@ fn main() {
         "fork_while_exiting_threads_allocate",
         15,
         fork_while_threads_exit,
+    );
+    r.isolated(
+        "forked_child_can_reclaim_stocks_while_others_charged",
+        60,
+        fork_then_reclaim,
     );
     r.check("heap_invariants_hold", || {
         beancounter::check_heap().unwrap()
@@ -517,4 +522,81 @@ fn fork_while_threads_exit() {
     }
     println!("    {forks} forks");
     assert!(failures.is_empty(), "{failures:#?}");
+}
+
+/// Forks for two seconds while three threads charge two tenants through their stocks (each
+/// allocation switches tenant, so stocks are drained and refilled all the time). Each child
+/// then does what takes other threads' stocks back: sets a limit on one of those tenants and
+/// allocates past it, expecting a refusal. The threads that held those stocks do not exist in
+/// the child; it must neither wait for them nor hang. Every child exits 0 within 3 s.
+fn fork_then_reclaim() {
+    let (a, b) = (tenant(20), tenant(21));
+    let stop = Arc::new(AtomicBool::new(false));
+    let workers: Vec<_> = (0..3)
+        .map(|_| {
+            let (stop, a, b) = (stop.clone(), a.clone(), b.clone());
+            std::thread::spawn(move || {
+                let l = Layout::from_size_align(64, 8).unwrap();
+                while !stop.load(Ordering::Relaxed) {
+                    for t in [&a, &b] {
+                        let g = t.enter();
+                        // SAFETY: a non-zero size; freed at once.
+                        unsafe {
+                            let p = ALLOC.alloc(l);
+                            if !p.is_null() {
+                                ALLOC.dealloc(p, l);
+                            }
+                        }
+                        drop(g);
+                    }
+                }
+            })
+        })
+        .collect();
+    let start = Instant::now();
+    let mut forks = 0;
+    let mut failures = Vec::new();
+    while start.elapsed() < Duration::from_secs(2) && failures.len() < 3 {
+        // SAFETY: the child only uses this crate and calls `_exit`.
+        let pid = unsafe { libc::fork() };
+        if pid == 0 {
+            let code = reclaim_in_child(&a);
+            // SAFETY: ends the child without running the parent's destructors or atexit.
+            unsafe { libc::_exit(code) };
+        }
+        assert!(pid > 0, "fork failed");
+        match wait_for(pid, Duration::from_secs(3)) {
+            Some(s) if libc::WIFEXITED(s) && libc::WEXITSTATUS(s) == 0 => {}
+            None => failures.push(format!("fork {forks}: child hung (killed after 3 s)")),
+            Some(s) => failures.push(format!("fork {forks}: child status {s:#x}")),
+        }
+        forks += 1;
+    }
+    stop.store(true, Ordering::Relaxed);
+    for w in workers {
+        w.join().unwrap();
+    }
+    println!("    {forks} forks");
+    assert!(failures.is_empty(), "{failures:#?}");
+}
+
+/// In a forked child: a 1 MiB limit on `t` (which takes stocks back), then a 2 MiB request
+/// under it, which must be refused. Returns the exit code.
+fn reclaim_in_child(t: &Beancounter) -> i32 {
+    let mib = MIB as u64;
+    if t.set_limits(Resource::Memory, Limits::new(mib, mib).unwrap())
+        .is_err()
+    {
+        return 2;
+    }
+    let l = Layout::from_size_align(2 * MIB, 8).unwrap();
+    let g = t.enter();
+    // SAFETY: a non-zero size.
+    let p = unsafe { ALLOC.alloc(l) };
+    drop(g);
+    if p.is_null() {
+        0
+    } else {
+        3
+    }
 }

@@ -314,10 +314,11 @@ fn failcnt_counts_refusals() {
     assert_eq!(nulls, 3, "not refused");
     let before_first = first_null_failcnt.unwrap();
     assert_eq!(
-        before_first, 0,
-        "failcnt {before_first} after {n} successful allocations and no refused one"
+        (before_first, end),
+        (0, 3),
+        "failcnt {before_first} after {n} successful allocations and no refused one, \
+         {end} after 3 refused ones"
     );
-    assert_eq!(end, 3, "failcnt {end} after 3 refused allocations");
 }
 
 /// Four threads allocate blocks of every route under one tenant with a 4 MiB limit, far more

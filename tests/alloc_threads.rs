@@ -240,6 +240,13 @@ fn exited_stock() {
         ok,
         "the exited threads' stocks still hold part of the limit"
     );
+    // Nothing is charged any more, stocks included: the last handle frees the tenant.
+    beancounter::drain_stock();
+    drop(t);
+    assert!(
+        beancounter::lookup(beancounter::BcId(5)).is_none(),
+        "the tenant outlived its handles: an exited thread's stock is still charged to it"
+    );
 }
 
 /// In a child process (a null here would abort): thread A allocates k objects of 1 KiB and
