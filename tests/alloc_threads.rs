@@ -67,7 +67,7 @@ fn allocate_into(out: &mut Blocks, layouts: &[Layout], tag0: u64) {
     for (i, &l) in layouts.iter().enumerate() {
         // SAFETY: a non-zero size.
         let p = unsafe { ALLOC.alloc(l) };
-        assert!(!p.is_null(), "{l:?}");
+        assert!(!p.is_null(), "alloc({l:?}) returned null");
         // SAFETY: a fresh block of `l.size()` bytes.
         unsafe { fill(p, l.size(), tag0 + i as u64) };
         out.push((SendPtr(p), l, tag0 + i as u64));
