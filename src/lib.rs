@@ -30,6 +30,10 @@
 
 #![warn(missing_debug_implementations)]
 
+// Segments, page maps and size limits assume a 64-bit address space (and 4 KiB pages).
+#[cfg(not(all(target_pointer_width = "64", target_os = "linux")))]
+compile_error!("beancounter supports 64-bit Linux");
+
 mod accounting;
 mod alloc;
 mod os;

@@ -81,6 +81,12 @@ mod mutex {
             MutexGuard { mutex: self }
         }
 
+        /// The protected value, for the `fork()` protocol, which holds the lock without a
+        /// guard; dereferencing it is up to the caller.
+        pub(crate) fn data_ptr(&self) -> *mut T {
+            self.value.get()
+        }
+
         /// Releases the lock without a guard: for the `fork()` protocol, which takes the
         /// lock in the prepare handler and releases it in the parent and child handlers.
         ///

@@ -126,13 +126,13 @@ impl ResourceCounter {
     }
 
     /// Adds `n` if the result stays within the bound of `severity`, in one compare-and-swap;
-    /// otherwise leaves `held` as it was and counts the refusal in `failcnt`. Returns the new
+    /// otherwise leaves `held` as it was and (if `count`) counts the refusal in `failcnt`. Returns the new
     /// `held`, which the caller passes to [`record_peak`](Self::record_peak) once the whole
     /// charge (every level) succeeded.
     ///
     /// `Force` is bounded only by `MAX`, so that `held` can never overflow.
     #[inline]
-    pub(crate) fn try_add(&self, n: u64, severity: Severity) -> Result<i64, Refusal> {
+    pub(crate) fn try_add(&self, n: u64, severity: Severity, count: bool) -> Result<i64, Refusal> {
         let barrier = self.barrier.load(Relaxed);
         let limit = self.limit.load(Relaxed);
         let bound = match severity {
@@ -145,7 +145,7 @@ impl ResourceCounter {
             // `0 <= cur <= MAX`, so the sum fits in u64 unless `n` is absurd.
             let new = match (cur as u64).checked_add(n) {
                 Some(new) if new <= bound as u64 => new as i64,
-                _ => return Err(self.refuse(cur, bound, severity)),
+                _ => return Err(self.refuse(cur, bound, severity, count)),
             };
             match self.held.compare_exchange_weak(cur, new, Relaxed, Relaxed) {
                 Ok(_) => {
@@ -184,13 +184,19 @@ impl ResourceCounter {
     /// charge.
     #[cfg(test)]
     pub(crate) fn try_charge(&self, n: u64, severity: Severity) -> Result<(), Refusal> {
-        let held = self.try_add(n, severity)?;
+        let held = self.try_add(n, severity, true)?;
         self.record_peak(held);
         Ok(())
     }
 
     #[cold]
-    fn refuse(&self, held: i64, bound: i64, severity: Severity) -> Refusal {
+    fn refuse(&self, held: i64, bound: i64, severity: Severity, count: bool) -> Refusal {
+        if !count {
+            return Refusal {
+                held: held.max(0) as u64,
+                bound: bound as u64,
+            };
+        }
         self.failcnt.fetch_add(1, Relaxed);
         match severity {
             Severity::Barrier => self.refused_barrier.fetch_add(1, Relaxed),

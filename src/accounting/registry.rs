@@ -396,12 +396,40 @@ impl Registry {
         n: u64,
         severity: Severity,
     ) -> Result<(), Exceeded> {
+        self.charge_counted(index, r, ri, n, severity, true)
+    }
+
+    /// [`charge`](Self::charge) for an attempt the caller may follow with another (a stock
+    /// batch, or a try before reclaiming stocks): a refusal is not counted, because the
+    /// request is not refused yet.
+    #[inline]
+    pub(crate) fn charge_tentative(
+        &self,
+        index: u32,
+        r: Resource,
+        ri: usize,
+        n: u64,
+        severity: Severity,
+    ) -> Result<(), Exceeded> {
+        self.charge_counted(index, r, ri, n, severity, false)
+    }
+
+    #[inline]
+    fn charge_counted(
+        &self,
+        index: u32,
+        r: Resource,
+        ri: usize,
+        n: u64,
+        severity: Severity,
+        count: bool,
+    ) -> Result<(), Exceeded> {
         let mut peaks = [0i64; MAX_DEPTH];
         let mut at = index;
         let mut level = 0;
         loop {
             let slot = self.slot(at);
-            match slot.counters[ri].try_add(n, severity) {
+            match slot.counters[ri].try_add(n, severity, count) {
                 Ok(held) => peaks[level] = held,
                 Err(refusal) => {
                     // Unroll the levels below the one that refused.

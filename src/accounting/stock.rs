@@ -60,8 +60,10 @@ pub const STOCK_BYTES: u64 = 128 << 10;
 /// `Allocations` a stock takes at most at once: one per 512 bytes of `STOCK_BYTES`.
 pub const STOCK_OBJECTS: u64 = 256;
 
-/// Slot index meaning "no beancounter".
+/// Slot index meaning "no beancounter"; also the end of the table's free list.
 pub(crate) const NONE: u32 = u32::MAX;
+/// `next_free` of a slot that a thread owns.
+const IN_USE: u32 = u32::MAX - 1;
 
 const MEMORY: usize = 0;
 const ALLOCATIONS: usize = 1;
@@ -183,7 +185,8 @@ impl StockSlot {
     }
 
     /// Owner, slow path: charges `bytes` and one object to `bc`, refilling the stock with a
-    /// batch on top when `severity` is `Limit` and the headroom allows.
+    /// batch on top when `severity` is `Limit` and the headroom allows. Tentative: a
+    /// refusal here is not counted, the caller decides (after reclaiming stocks).
     pub(crate) fn charge_slow(
         &self,
         reg: &Registry,
@@ -195,21 +198,22 @@ impl StockSlot {
         if self.bc.load(Relaxed) != bc {
             self.drain_locked(reg);
         }
-        let result = if severity == Severity::Limit {
-            let (mem, objs) = batch(reg, bc);
-            match charge_pair(reg, bc, bytes + mem, 1 + objs, severity) {
-                Ok(()) => {
-                    // Owner under its own lock: no reclaimer is at work on this slot.
-                    self.mem.store(self.mem.load(Relaxed) + mem, Relaxed);
-                    self.objs.store(self.objs.load(Relaxed) + objs, Relaxed);
-                    self.bc.store(bc, Relaxed);
-                    Ok(())
-                }
-                Err(_) if mem + objs > 0 => charge_pair(reg, bc, bytes, 1, severity),
-                Err(e) => Err(e),
-            }
+        let (mem, objs) = if severity == Severity::Limit {
+            batch(reg, bc)
         } else {
-            charge_pair(reg, bc, bytes, 1, severity)
+            (0, 0)
+        };
+        let result = match charge_pair_tentative(reg, bc, bytes + mem, 1 + objs, severity) {
+            Ok(()) if mem + objs > 0 => {
+                // Owner under its own lock: no reclaimer is at work on this slot.
+                self.mem.store(self.mem.load(Relaxed) + mem, Relaxed);
+                self.objs.store(self.objs.load(Relaxed) + objs, Relaxed);
+                self.bc.store(bc, Relaxed);
+                Ok(())
+            }
+            Ok(()) => Ok(()),
+            Err(_) if mem + objs > 0 => charge_pair_tentative(reg, bc, bytes, 1, severity),
+            Err(e) => Err(e),
         };
         self.unlock();
         result
@@ -256,7 +260,7 @@ impl StockSlot {
     }
 }
 
-/// Charges `mem` bytes and `objs` objects, both or neither.
+/// Charges `mem` bytes and `objs` objects, both or neither; a refusal is counted.
 pub(crate) fn charge_pair(
     reg: &Registry,
     bc: u32,
@@ -266,6 +270,22 @@ pub(crate) fn charge_pair(
 ) -> Result<(), Exceeded> {
     reg.charge(bc, Resource::Memory, MEMORY, mem, severity)?;
     if let Err(e) = reg.charge(bc, Resource::Allocations, ALLOCATIONS, objs, severity) {
+        reg.uncharge(bc, MEMORY, mem);
+        return Err(e);
+    }
+    Ok(())
+}
+
+/// [`charge_pair`] as an attempt that may be followed by another: a refusal is not counted.
+fn charge_pair_tentative(
+    reg: &Registry,
+    bc: u32,
+    mem: u64,
+    objs: u64,
+    severity: Severity,
+) -> Result<(), Exceeded> {
+    reg.charge_tentative(bc, Resource::Memory, MEMORY, mem, severity)?;
+    if let Err(e) = reg.charge_tentative(bc, Resource::Allocations, ALLOCATIONS, objs, severity) {
         reg.uncharge(bc, MEMORY, mem);
         return Err(e);
     }
@@ -503,8 +523,10 @@ mod table {
         } else {
             return DIRECT;
         };
-        // SAFETY: `index < hwm`, a slot nobody owns.
-        unsafe { t.slots.add(index) }
+        // SAFETY: `index < hwm`, a slot nobody owns; this thread takes it.
+        let slot = unsafe { &*t.slots.add(index) };
+        slot.next_free.store(super::IN_USE, Ordering::Relaxed);
+        slot
     }
 
     /// Charges `bytes` of `Memory` and one of `Allocations` to slot `bc` for a new object.
@@ -530,19 +552,39 @@ mod table {
         }
         let first = match mine() {
             Some(s) => s.charge_slow(reg, bc, bytes, severity),
-            None => super::charge_pair(reg, bc, bytes, 1, severity),
+            None => super::charge_pair_tentative(reg, bc, bytes, 1, severity),
         };
-        match first {
-            Ok(()) => Ok(()),
-            Err(e) if severity != Severity::Force => {
-                // Before refusing: take back every stock of the refusing level, retry once.
-                if let Some(target) = reg.index_of(e.id, bc) {
-                    reclaim_all(target);
-                }
-                super::charge_pair(reg, bc, bytes, 1, severity)
+        first.or_else(|e| reclaim_and_retry(e, bc, bytes, 1, severity))
+    }
+
+    /// Charges a block directly (no stock): `mem` bytes and `objs` objects.
+    pub(crate) fn charge_block(
+        bc: u32,
+        mem: u64,
+        objs: u64,
+        severity: Severity,
+    ) -> Result<(), Exceeded> {
+        super::charge_pair_tentative(registry(), bc, mem, objs, severity)
+            .or_else(|e| reclaim_and_retry(e, bc, mem, objs, severity))
+    }
+
+    /// After a tentative refusal: takes back every stock of the refusing level and retries
+    /// once; this attempt's refusal is the one that counts.
+    #[cold]
+    fn reclaim_and_retry(
+        e: Exceeded,
+        bc: u32,
+        mem: u64,
+        objs: u64,
+        severity: Severity,
+    ) -> Result<(), Exceeded> {
+        let reg = registry();
+        if severity != Severity::Force {
+            if let Some(target) = reg.index_of(e.id, bc) {
+                reclaim_all(target);
             }
-            Err(e) => Err(e),
         }
+        super::charge_pair(reg, bc, mem, objs, severity)
     }
 
     /// Takes back every stock held for `target` or its descendants, this thread's included.
@@ -600,17 +642,46 @@ mod table {
             .sum()
     }
 
-    /// Takes the stock-table lock around `fork()`.
+    /// Around `fork()`: takes the reclaim and table locks and every slot's lock, and waits
+    /// for every owner to leave its fast path, so the child inherits stocks that agree with
+    /// the counters.
     pub(crate) fn lock_for_fork() {
         core::mem::forget(RECLAIM.lock());
         core::mem::forget(TABLE.lock());
+        for s in all_slots() {
+            s.lock();
+            s.steal.store(1, Ordering::Relaxed);
+        }
+        super::reclaimer_fence();
+        for s in all_slots() {
+            while s.busy.load(Ordering::Acquire) != 0 {
+                super::spin();
+            }
+        }
     }
 
-    /// Releases the locks taken by [`lock_for_fork`].
+    /// Releases what [`lock_for_fork`] took. In the child, the stocks of threads that do
+    /// not exist there are given back to their beancounters and their slots freed.
     ///
     /// # Safety
-    /// Only after `lock_for_fork`, in the parent or the child.
-    pub(crate) unsafe fn unlock_after_fork() {
+    /// Only after `lock_for_fork`, in the parent (`child == false`) or the child.
+    pub(crate) unsafe fn unlock_after_fork(child: bool) {
+        let me = MINE.try_with(|m| m.get()).unwrap_or(DIRECT);
+        // SAFETY: `lock_for_fork` took the table lock; its guard was forgotten, and in the
+        // child this is the only thread, so nothing else can touch the table.
+        let t = unsafe { &mut *TABLE.data_ptr() };
+        for (i, s) in all_slots().enumerate() {
+            if child
+                && !core::ptr::eq(s, me)
+                && s.next_free.load(Ordering::Relaxed) == super::IN_USE
+            {
+                s.drain_locked(registry());
+                s.next_free.store(t.free, Ordering::Relaxed);
+                t.free = i as u32;
+            }
+            s.steal.store(0, Ordering::Release);
+            s.unlock();
+        }
         // SAFETY: locked by `lock_for_fork`, guards forgotten.
         unsafe {
             TABLE.force_unlock();

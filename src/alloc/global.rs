@@ -162,14 +162,20 @@ fn alloc_small_slow(
     }
 }
 
+/// Largest request served: 128 TiB minus what a huge block adds (head and alignment).
+const MAX_REQUEST: usize = (1 << 47) - 2 * run::SEGMENT;
+
 #[cold]
 #[inline(never)]
 fn alloc_big(bc: u32, severity: Severity, size: usize, align: usize, zero: bool) -> *mut u8 {
-    if align > MAX_ALIGN || size > isize::MAX as usize - MAX_ALIGN {
+    // Sizes no mapping can hold are refused before anything is charged, so that they leave
+    // no trace in `maxheld`: more than the 128 TiB a user address space spans on x86_64
+    // with 4-level page tables (the head and alignment slack of a huge block fit below it).
+    if align > MAX_ALIGN || size > MAX_REQUEST {
         return ptr::null_mut();
     }
     let bytes = size.next_multiple_of(PAGE).max(PAGE);
-    if stock::charge_pair(handle::registry(), bc, bytes as u64, 1, severity).is_err() {
+    if stock::charge_block(bc, bytes as u64, 1, severity).is_err() {
         return ptr::null_mut();
     }
     if bytes <= LARGE_MAX {
@@ -265,8 +271,10 @@ unsafe fn reallocate(ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
                 return ptr;
             }
             let reg = handle::registry();
+            // Tentative: if growing in place is refused, moving may still succeed (after
+            // stocks are reclaimed), and only that decides whether the request is refused.
             if reg
-                .charge(
+                .charge_tentative(
                     bc,
                     Resource::Memory,
                     0,
@@ -288,7 +296,7 @@ unsafe fn reallocate(ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
             let grow = want.saturating_sub(have) as u64;
             if grow == 0
                 || reg
-                    .charge(bc, Resource::Memory, 0, grow, context::severity())
+                    .charge_tentative(bc, Resource::Memory, 0, grow, context::severity())
                     .is_ok()
             {
                 if let Some(moved) = run::resize_huge(head, new_size) {
@@ -397,22 +405,22 @@ extern "C" fn fork_prepare() {
 
 extern "C" fn fork_parent() {
     // SAFETY: `fork_prepare` took these locks on this thread.
-    unsafe { unlock_all() }
+    unsafe { unlock_all(false) }
 }
 
 extern "C" fn fork_child() {
     // SAFETY: the child is a copy of the thread that ran `fork_prepare`.
-    unsafe { unlock_all() }
+    unsafe { unlock_all(true) }
 }
 
 /// # Safety
 /// Only after `fork_prepare`.
-unsafe fn unlock_all() {
+unsafe fn unlock_all(child: bool) {
     // SAFETY: each was locked by `fork_prepare` and its guard forgotten.
     unsafe {
         run::unlock_after_fork();
         thread_cache::unlock_after_fork();
-        stock::unlock_after_fork();
+        stock::unlock_after_fork(child);
         handle::registry().unlock_after_fork();
     }
 }

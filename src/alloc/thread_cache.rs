@@ -162,36 +162,46 @@ impl Heap {
     fn refill(&self, class: usize) -> Option<(NonNull<u8>, &'static Slab, bool)> {
         self.drain_returned();
         let bin = &self.bins[class];
-        if let Some(cur) = ptr_ref(bin.cur.get()).filter(|s| !ptr::eq(*s, &slab::EMPTY)) {
-            if cur.collect() == 0 && cur.remote.park() {
-                // Full, and nothing freed into it: set it aside until a remote free hands
-                // it back.
-                cur.place.set(Place::Parked);
-                bin.cur.set(&slab::EMPTY);
-            } else {
-                // Objects were freed into it (maybe just now, making the park fail).
-                cur.collect();
-                if let Some((p, z)) = cur.pop() {
-                    return Some((p, cur, z));
-                }
+        let cur = ptr_ref(bin.cur.replace(&slab::EMPTY)).filter(|s| !ptr::eq(*s, &slab::EMPTY));
+        // The current slab first (what other threads freed into it), then slabs with free
+        // objects. A partial slab can turn out full: a heap adopted from an exited thread
+        // has its current slabs on the partial lists.
+        for s in cur
+            .into_iter()
+            .chain(core::iter::from_fn(|| bin.pop_partial()))
+        {
+            if let Some((p, z)) = Self::take_or_park(s) {
+                s.place.set(Place::Current);
+                bin.cur.set(s);
+                return Some((p, s, z));
             }
         }
-        let s = match bin.pop_partial() {
-            Some(s) => {
-                s.collect();
-                s
+        let s = match ptr_ref(bin.spare.replace(ptr::null_mut())) {
+            Some(spare) => spare,
+            None => {
+                reclaim_abandoned();
+                Slab::create(class, self.id())?
             }
-            None => match ptr_ref(bin.spare.replace(ptr::null_mut())) {
-                Some(spare) => spare,
-                None => {
-                    reclaim_abandoned();
-                    Slab::create(class, self.id())?
-                }
-            },
         };
         s.place.set(Place::Current);
         bin.cur.set(s);
         s.pop().map(|(p, z)| (p, s, z))
+    }
+
+    /// Owner: an object of `s`, after collecting what other threads freed into it; or, if
+    /// it is full, `None` with `s` parked (set aside until a remote free hands it back).
+    fn take_or_park(s: &'static Slab) -> Option<(NonNull<u8>, bool)> {
+        loop {
+            s.collect();
+            if let Some(got) = s.pop() {
+                return Some(got);
+            }
+            if s.remote.park() {
+                s.place.set(Place::Parked);
+                return None;
+            }
+            // An object was freed into it just now: collect it.
+        }
     }
 
     /// Owner: puts slabs handed back by remote frees where they belong.
@@ -433,10 +443,11 @@ fn last_of(mut at: *mut Heap) -> Option<&'static Heap> {
     Some(last)
 }
 
-/// Takes the heap locks around `fork()`.
+/// Takes the heap locks around `fork()`, in the order the allocation paths nest them: an
+/// allocation of an exited thread holds `SHARED` while its refill reclaims `ABANDONED`.
 pub(crate) fn lock_for_fork() {
-    core::mem::forget(ABANDONED.lock());
     core::mem::forget(SHARED.lock());
+    core::mem::forget(ABANDONED.lock());
 }
 
 /// Releases the locks taken by [`lock_for_fork`].
@@ -446,8 +457,8 @@ pub(crate) fn lock_for_fork() {
 pub(crate) unsafe fn unlock_after_fork() {
     // SAFETY: both were locked by `lock_for_fork` and their guards forgotten.
     unsafe {
-        SHARED.force_unlock();
         ABANDONED.force_unlock();
+        SHARED.force_unlock();
     }
 }
 

@@ -1,0 +1,194 @@
+//! Fast, exact charging at the bounds (DESIGN.md §3.3, §3.5): stocks of many threads never
+//! cause a refusal that reclaiming them would avoid, `fallible` scopes fail at the barrier,
+//! `forced` scopes never fail, and `checkpoint` reports a tenant over its barrier.
+
+mod common;
+
+use beancounter::{BcId, BeanAlloc, Limits, Resource, STOCK_BYTES};
+use common::Runner;
+use std::alloc::{GlobalAlloc, Layout};
+use std::sync::{Arc, Barrier};
+
+#[global_allocator]
+static ALLOC: BeanAlloc = BeanAlloc::new();
+
+const MIB: u64 = 1 << 20;
+
+fn tenant(id: u32, barrier: u64, limit: u64) -> beancounter::Beancounter {
+    let t = beancounter::find_or_create(BcId(id)).unwrap();
+    t.set_limits(Resource::Memory, Limits::new(barrier, limit).unwrap())
+        .unwrap();
+    t
+}
+
+/// 64 threads each hold a stock of one tenant; a block that fits the tenant's true usage
+/// but not its charged usage (stocks included) must still be granted: the refusal path
+/// reclaims the other threads' stocks first. Afterwards every byte is accounted exactly.
+fn sixty_four_stocks_do_not_cause_a_refusal() {
+    const THREADS: usize = 64;
+    let t = tenant(100, 16 * MIB, 16 * MIB);
+    let hold = Arc::new(Barrier::new(THREADS + 1));
+    let release = Arc::new(Barrier::new(THREADS + 1));
+    let workers: Vec<_> = (0..THREADS)
+        .map(|_| {
+            let (t, hold, release) = (t.clone(), hold.clone(), release.clone());
+            std::thread::spawn(move || {
+                let _g = t.enter();
+                // One small object: the first charge refills this thread's stock.
+                let b = Box::new([0u8; 64]);
+                hold.wait();
+                release.wait();
+                drop(b);
+            })
+        })
+        .collect();
+    hold.wait();
+    let m = t.stat(Resource::Memory);
+    let charged = beancounter::stat(BcId(100), Resource::Memory).unwrap();
+    assert_eq!(
+        m.held,
+        THREADS as u64 * 64,
+        "true usage: 64 objects of 64 bytes"
+    );
+    // Charged usage (held + stocks) is what the counter holds; the stocks are what the
+    // true usage does not explain. They must be large enough to matter for this test.
+    let stocked = raw_held(&t) - charged.held;
+    assert!(stocked > 4 * MIB, "stocks hold only {stocked} bytes");
+    assert!(stocked <= THREADS as u64 * STOCK_BYTES);
+
+    // 12 MiB fits next to 4 KiB of true usage, but not next to the stocks.
+    let need = 16 * MIB - stocked / 2;
+    assert!(need + raw_held(&t) > 16 * MIB && need + m.held <= 16 * MIB);
+    let big = {
+        let _g = t.enter();
+        let mut v: Vec<u8> = Vec::new();
+        v.try_reserve_exact(need as usize - 8192)
+            .expect("refused although only stocks were in the way");
+        v
+    };
+    let after = t.stat(Resource::Memory);
+    assert!(after.held <= 16 * MIB && raw_held(&t) <= 16 * MIB);
+    assert_eq!(
+        after.failcnt, 0,
+        "the charge succeeded on its retry; nothing was refused for real"
+    );
+    drop(big);
+    release.wait();
+    for w in workers {
+        w.join().unwrap();
+    }
+    beancounter::drain_stock();
+    assert_eq!(t.stat(Resource::Memory).held, 0);
+    assert_eq!(
+        raw_held(&t),
+        0,
+        "every stock was drained: threads exited or were reclaimed"
+    );
+}
+
+/// `held` as charged, stocks included: what the counter itself holds. `stat()` reports true
+/// usage; `maxheld` right after `reset_window` is the charged value.
+fn raw_held(t: &beancounter::Beancounter) -> u64 {
+    t.reset_window();
+    t.stat(Resource::Memory).maxheld
+}
+
+/// Inside `fallible`, allocations are checked against the barrier: `try_reserve` fails
+/// gracefully there and succeeds outside, and the refusal is counted as such.
+fn fallible_fails_at_the_barrier() {
+    let t = tenant(101, MIB, 32 * MIB);
+    let _g = t.enter();
+    let mut v: Vec<u8> = Vec::new();
+    assert!(beancounter::fallible(|| v.try_reserve_exact(2 * MIB as usize)).is_err());
+    let e = t.events(Resource::Memory);
+    assert_eq!((e.refused_at_barrier, e.refused_at_limit), (1, 0));
+    assert!(
+        v.try_reserve_exact(2 * MIB as usize).is_ok(),
+        "outside fallible the limit applies"
+    );
+    assert!(
+        beancounter::checkpoint().is_err(),
+        "2 MiB is over the 1 MiB barrier"
+    );
+    assert!(t.events(Resource::Memory).barrier_crossings >= 1);
+    drop(v);
+    assert!(
+        beancounter::checkpoint().is_ok(),
+        "back under the barrier once freed"
+    );
+}
+
+/// Inside `forced`, allocations pass even the limit, are still counted, and the forced
+/// charge past the limit is visible in the events.
+fn forced_never_fails_and_is_counted() {
+    let t = tenant(102, MIB / 2, MIB);
+    let _g = t.enter();
+    let layout = Layout::from_size_align(3 * MIB as usize, 8).unwrap();
+    // SAFETY: non-zero size.
+    let refused = unsafe { ALLOC.alloc(layout) };
+    assert!(refused.is_null(), "over the limit outside forced");
+    // SAFETY: non-zero size.
+    let p = beancounter::forced(|| unsafe { ALLOC.alloc(layout) });
+    assert!(!p.is_null(), "forced allocations are never refused");
+    let s = t.stat(Resource::Memory);
+    assert!(s.held >= 3 * MIB && s.held > s.limit, "{s:?}");
+    assert!(t.events(Resource::Memory).forced_past_limit >= 1);
+    let err = beancounter::checkpoint().unwrap_err();
+    assert_eq!(
+        (err.id, err.resource, err.bound),
+        (BcId(102), Resource::Memory, MIB / 2)
+    );
+    // SAFETY: allocated above with `layout`.
+    unsafe { ALLOC.dealloc(p, layout) };
+    assert!(t.stat(Resource::Memory).held < MIB / 2);
+}
+
+/// A limit lowered while threads hold stock takes the stocks back at once.
+fn limit_change_reclaims_stocks() {
+    let t = tenant(103, 64 * MIB, 64 * MIB);
+    let ready = Arc::new(Barrier::new(5));
+    let done = Arc::new(Barrier::new(5));
+    let workers: Vec<_> = (0..4)
+        .map(|_| {
+            let (t, ready, done) = (t.clone(), ready.clone(), done.clone());
+            std::thread::spawn(move || {
+                let _g = t.enter();
+                let b = Box::new(1u64);
+                ready.wait();
+                done.wait();
+                drop(b);
+            })
+        })
+        .collect();
+    ready.wait();
+    assert!(raw_held(&t) > 4 * 8, "the workers hold stock");
+    t.set_limits(Resource::Memory, Limits::new(MIB, MIB).unwrap())
+        .unwrap();
+    assert_eq!(
+        raw_held(&t),
+        t.stat(Resource::Memory).held,
+        "no stock left after the change"
+    );
+    done.wait();
+    for w in workers {
+        w.join().unwrap();
+    }
+}
+
+fn main() {
+    let mut r = Runner::new();
+    r.check(
+        "sixty_four_stocks_do_not_cause_a_refusal",
+        sixty_four_stocks_do_not_cause_a_refusal,
+    );
+    r.check(
+        "fallible_fails_at_the_barrier",
+        fallible_fails_at_the_barrier,
+    );
+    r.check(
+        "forced_never_fails_and_is_counted",
+        forced_never_fails_and_is_counted,
+    );
+    r.check("limit_change_reclaims_stocks", limit_change_reclaims_stocks);
+    r.finish();
+}
