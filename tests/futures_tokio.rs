@@ -31,11 +31,13 @@ fn allocations_follow_the_future_across_workers() {
     let rt = runtime();
     let threads = Arc::new(Mutex::new(HashSet::new()));
     let all_hold = Arc::new(tokio::sync::Barrier::new(TASKS + 1));
-    let release = Arc::new(tokio::sync::Notify::new());
+    // Closed until the peak is measured; tasks wait on it after the barrier.
+    let gate = Arc::new(tokio::sync::RwLock::new(()));
     let peak = rt.block_on(async {
+        let closed = gate.clone().write_owned().await;
         let mut handles = Vec::new();
         for _ in 0..TASKS {
-            let (threads, all_hold, release) = (threads.clone(), all_hold.clone(), release.clone());
+            let (threads, all_hold, gate) = (threads.clone(), all_hold.clone(), gate.clone());
             let fut = async move {
                 let mut buf = Vec::with_capacity(BYTES);
                 for i in 0..20u8 {
@@ -45,7 +47,7 @@ fn allocations_follow_the_future_across_workers() {
                 }
                 buf.resize(BYTES, 1);
                 all_hold.wait().await;
-                release.notified().await;
+                drop(gate.read().await);
                 assert_eq!(beancounter::current_id(), BcId(300));
                 buf.len()
             };
@@ -53,7 +55,7 @@ fn allocations_follow_the_future_across_workers() {
         }
         all_hold.wait().await;
         let peak = tenant.stat(Resource::Memory).held;
-        release.notify_waiters();
+        drop(closed);
         for h in handles {
             assert_eq!(h.await.unwrap(), BYTES);
         }

@@ -81,6 +81,11 @@ pub(crate) struct StockSlot {
     lock: AtomicU32,
     mem: AtomicU64,
     objs: AtomicU64,
+    /// Uncharges owed to one other beancounter (objects of it freed by this thread), given
+    /// back in batches: slot index or `NONE`, and the amounts.
+    debt_bc: AtomicU32,
+    debt_mem: AtomicU64,
+    debt_objs: AtomicU64,
     /// Table free-list link while the slot is unused.
     pub(crate) next_free: AtomicU32,
 }
@@ -106,6 +111,9 @@ impl StockSlot {
                 lock: AtomicU32::new(0),
                 mem: AtomicU64::new(0),
                 objs: AtomicU64::new(0),
+                debt_bc: AtomicU32::new(NONE),
+                debt_mem: AtomicU64::new(0),
+                debt_objs: AtomicU64::new(0),
                 next_free: AtomicU32::new(NONE),
             }
         }
@@ -142,17 +150,27 @@ impl StockSlot {
         .unwrap_or(false)
     }
 
-    /// Owner: puts back what a freed object of `bc` was charged, if the stock holds `bc`.
+    /// Owner: puts back what a freed object of `bc` was charged: into the stock if it
+    /// holds `bc`, else onto the debt owed to `bc` (if the debt is owed to `bc` or to no
+    /// one), so that freeing another tenant's objects (a consumer thread, a remote free)
+    /// does not touch that tenant's counters each time either.
     #[inline]
     pub(crate) fn try_give_back(&self, bc: u32, bytes: u64) -> GiveBack {
         self.fast(|| {
-            if self.bc.load(Relaxed) != bc {
-                return GiveBack::NotMine;
-            }
-            let (m, o) = (self.mem.load(Relaxed) + bytes, self.objs.load(Relaxed) + 1);
-            self.mem.store(m, Relaxed);
-            self.objs.store(o, Relaxed);
-            if m > 2 * STOCK_BYTES || o > 2 * STOCK_OBJECTS {
+            let (bc_field, mem, objs, cap) = if self.bc.load(Relaxed) == bc {
+                (&self.bc, &self.mem, &self.objs, 2)
+            } else {
+                match self.debt_bc.load(Relaxed) {
+                    d if d == bc => (&self.debt_bc, &self.debt_mem, &self.debt_objs, 1),
+                    NONE => (&self.debt_bc, &self.debt_mem, &self.debt_objs, 1),
+                    _ => return GiveBack::NotMine,
+                }
+            };
+            let (m, o) = (mem.load(Relaxed) + bytes, objs.load(Relaxed) + 1);
+            mem.store(m, Relaxed);
+            objs.store(o, Relaxed);
+            bc_field.store(bc, Relaxed);
+            if m > cap * STOCK_BYTES || o > cap * STOCK_OBJECTS {
                 GiveBack::Trim
             } else {
                 GiveBack::Done
@@ -219,9 +237,10 @@ impl StockSlot {
         result
     }
 
-    /// Owner, slow path: gives back what the stock holds beyond one batch.
+    /// Owner, slow path: gives back what the stock holds beyond one batch, and the debt.
     pub(crate) fn trim(&self, reg: &Registry) {
         self.lock();
+        self.settle_debt(reg);
         let bc = self.bc.load(Relaxed);
         let (m, o) = (self.mem.load(Relaxed), self.objs.load(Relaxed));
         if bc != NONE {
@@ -244,8 +263,34 @@ impl StockSlot {
         self.unlock();
     }
 
-    /// Gives the whole stock back; the caller holds the lock and no fast path is running.
+    /// Pays the debt: uncharges what this thread freed of the other beancounter. The caller
+    /// holds the lock and no fast path is running.
+    fn settle_debt(&self, reg: &Registry) {
+        let bc = self.debt_bc.load(Relaxed);
+        if bc == NONE {
+            return;
+        }
+        let (m, o) = (self.debt_mem.load(Relaxed), self.debt_objs.load(Relaxed));
+        self.debt_mem.store(0, Relaxed);
+        self.debt_objs.store(0, Relaxed);
+        self.debt_bc.store(NONE, Relaxed);
+        reg.uncharge(bc, MEMORY, m);
+        reg.uncharge(bc, ALLOCATIONS, o);
+    }
+
+    /// The debt's beancounter and amounts (racy unless quiescent; for `stat`).
+    pub(crate) fn peek_debt(&self) -> (u32, u64, u64) {
+        (
+            self.debt_bc.load(Relaxed),
+            self.debt_mem.load(Relaxed),
+            self.debt_objs.load(Relaxed),
+        )
+    }
+
+    /// Gives the whole stock back, and the debt; the caller holds the lock and no fast path
+    /// is running.
     fn drain_locked(&self, reg: &Registry) {
+        self.settle_debt(reg);
         let bc = self.bc.load(Relaxed);
         if bc == NONE {
             return;
@@ -309,8 +354,9 @@ pub(crate) fn reclaim<'a>(
     target: u32,
 ) -> usize {
     let wanted = |s: &StockSlot| {
-        let bc = s.bc.load(Relaxed);
-        bc != NONE && reg.is_self_or_descendant(bc, target)
+        [s.bc.load(Relaxed), s.debt_bc.load(Relaxed)]
+            .into_iter()
+            .any(|bc| bc != NONE && reg.is_self_or_descendant(bc, target))
     };
     // Lock and flag every candidate, then one fence for all of them.
     let mut flagged = 0;
@@ -628,15 +674,15 @@ mod table {
         t.free = index as u32;
     }
 
-    /// What stocks hold of counter `ri` for beancounter `index` (its own stocks and those
-    /// of its descendants, which were charged to it too).
+    /// What stocks and debts hold of counter `ri` for beancounter `index` (its own and those
+    /// of its descendants, which were charged to it too): charged, but not in use.
     pub(crate) fn stocked(index: u32, ri: usize) -> u64 {
         if ri > 1 {
             return 0;
         }
         let reg = registry();
         all_slots()
-            .map(|s| s.peek())
+            .flat_map(|s| [s.peek(), s.peek_debt()])
             .filter(|&(bc, _, _)| bc != NONE && reg.is_self_or_descendant(bc, index))
             .map(|(_, m, o)| if ri == 0 { m } else { o })
             .sum()
