@@ -157,26 +157,41 @@ impl StockSlot {
     #[inline]
     pub(crate) fn try_give_back(&self, bc: u32, bytes: u64) -> GiveBack {
         self.fast(|| {
-            let (bc_field, mem, objs, cap) = if self.bc.load(Relaxed) == bc {
-                (&self.bc, &self.mem, &self.objs, 2)
-            } else {
-                match self.debt_bc.load(Relaxed) {
-                    d if d == bc => (&self.debt_bc, &self.debt_mem, &self.debt_objs, 1),
-                    NONE => (&self.debt_bc, &self.debt_mem, &self.debt_objs, 1),
-                    _ => return GiveBack::NotMine,
-                }
-            };
-            let (m, o) = (mem.load(Relaxed) + bytes, objs.load(Relaxed) + 1);
-            mem.store(m, Relaxed);
-            objs.store(o, Relaxed);
-            bc_field.store(bc, Relaxed);
-            if m > cap * STOCK_BYTES || o > cap * STOCK_OBJECTS {
+            if self.bc.load(Relaxed) != bc {
+                return self.owe(bc, bytes);
+            }
+            let (m, o) = (self.mem.load(Relaxed) + bytes, self.objs.load(Relaxed) + 1);
+            self.mem.store(m, Relaxed);
+            self.objs.store(o, Relaxed);
+            if m > 2 * STOCK_BYTES || o > 2 * STOCK_OBJECTS {
                 GiveBack::Trim
             } else {
                 GiveBack::Done
             }
         })
         .unwrap_or(GiveBack::NotMine)
+    }
+
+    /// Owner, on its fast path: adds a freed object of another beancounter to the debt, if
+    /// the debt is owed to that beancounter or to no one.
+    #[inline(never)]
+    fn owe(&self, bc: u32, bytes: u64) -> GiveBack {
+        let owed = self.debt_bc.load(Relaxed);
+        if owed != bc && owed != NONE {
+            return GiveBack::NotMine;
+        }
+        let (m, o) = (
+            self.debt_mem.load(Relaxed) + bytes,
+            self.debt_objs.load(Relaxed) + 1,
+        );
+        self.debt_mem.store(m, Relaxed);
+        self.debt_objs.store(o, Relaxed);
+        self.debt_bc.store(bc, Relaxed);
+        if m > STOCK_BYTES || o > STOCK_OBJECTS {
+            GiveBack::Trim
+        } else {
+            GiveBack::Done
+        }
     }
 
     fn lock(&self) {

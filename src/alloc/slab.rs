@@ -160,6 +160,11 @@ impl Slab {
         self.size as usize
     }
 
+    /// Bytes of the slab's run.
+    pub(crate) fn run_bytes(&self) -> usize {
+        CLASSES[self.class as usize].pages as usize * PAGE
+    }
+
     #[inline]
     pub(crate) fn used(&self) -> u32 {
         self.used.get()

@@ -40,8 +40,8 @@ struct Bin {
     cur: Cell<*const Slab>,
     /// Slabs with free objects (doubly linked through `Slab::next/prev`).
     partial: Cell<*mut Slab>,
-    /// One empty slab kept for the next refill, so that a class whose objects come and go
-    /// in slab-sized waves does not take and return a run each time.
+    /// Empty slabs kept for the next refills (linked through `Slab::next`), so that a class
+    /// whose objects come and go in waves does not take and return runs each time.
     spare: Cell<*mut Slab>,
 }
 
@@ -54,21 +54,20 @@ impl Bin {
         }
     }
 
-    /// An empty slab (already off every list): kept as the spare, or given back.
-    fn retire(&self, s: &'static Slab) {
-        if self.spare.get().is_null() {
-            s.place.set(Place::Spare);
-            self.spare.set(s as *const Slab as *mut Slab);
-        } else {
+    /// Gives every spare slab back to the run layer; returns their bytes.
+    fn drop_spares(&self) -> usize {
+        let mut bytes = 0;
+        while let Some(s) = self.pop_spare() {
+            bytes += s.run_bytes();
             s.destroy();
         }
+        bytes
     }
 
-    /// Gives the spare slab back to the run layer.
-    fn drop_spare(&self) {
-        if let Some(s) = ptr_ref(self.spare.replace(ptr::null_mut())) {
-            s.destroy();
-        }
+    fn pop_spare(&self) -> Option<&'static Slab> {
+        let s = ptr_ref(self.spare.get())?;
+        self.spare.set(s.next.get());
+        Some(s)
     }
 
     fn push_partial(&self, s: &Slab) {
@@ -106,9 +105,16 @@ fn ptr_ref(p: *const Slab) -> Option<&'static Slab> {
     unsafe { p.as_ref() }
 }
 
+/// Bytes of empty slabs a heap keeps for reuse before it gives them back to the run layer:
+/// the hysteresis that keeps a workload whose objects come and go in waves (1000 objects of
+/// one class freed and taken again, in `benches/alloc.rs` `small_lifo`) off the run lock.
+const SPARE_BYTES: usize = 1 << 20;
+
 /// A thread's heap.
 pub(crate) struct Heap {
     bins: [Bin; NUM_CLASSES],
+    /// Bytes of the slabs on the bins' spare lists.
+    spare_bytes: Cell<usize>,
     /// Parked slabs handed back by remote frees.
     returned: ReturnStack<Slab>,
     /// Link on the abandoned list.
@@ -124,6 +130,7 @@ impl Heap {
     const fn new() -> Heap {
         Heap {
             bins: [const { Bin::new() }; NUM_CLASSES],
+            spare_bytes: Cell::new(0),
             returned: ReturnStack::new(),
             next_abandoned: Cell::new(ptr::null_mut()),
         }
@@ -176,8 +183,12 @@ impl Heap {
                 return Some((p, s, z));
             }
         }
-        let s = match ptr_ref(bin.spare.replace(ptr::null_mut())) {
-            Some(spare) => spare,
+        let s = match bin.pop_spare() {
+            Some(spare) => {
+                self.spare_bytes
+                    .set(self.spare_bytes.get() - spare.run_bytes());
+                spare
+            }
             None => {
                 reclaim_abandoned();
                 Slab::create(class, self.id())?
@@ -204,6 +215,21 @@ impl Heap {
         }
     }
 
+    /// Owner: an empty slab (already off every list) goes on its bin's spare list, or back
+    /// to the run layer once the heap keeps `SPARE_BYTES` of spares.
+    fn retire(&self, s: &'static Slab) {
+        let bytes = s.run_bytes();
+        if self.spare_bytes.get() + bytes > SPARE_BYTES {
+            s.destroy();
+            return;
+        }
+        let bin = &self.bins[s.class()];
+        s.place.set(Place::Spare);
+        s.next.set(bin.spare.get());
+        bin.spare.set(s as *const Slab as *mut Slab);
+        self.spare_bytes.set(self.spare_bytes.get() + bytes);
+    }
+
     /// Owner: puts slabs handed back by remote frees where they belong.
     fn drain_returned(&self) {
         let mut at = self.returned.take_all();
@@ -213,7 +239,7 @@ impl Heap {
             debug_assert_eq!(s.place.get(), Place::Parked);
             s.collect_returned();
             if s.used() == 0 {
-                self.bins[s.class()].retire(s);
+                self.retire(s);
             } else {
                 self.bins[s.class()].push_partial(s);
             }
@@ -239,14 +265,14 @@ impl Heap {
             // the slab is on the return stack and `drain_returned` places it.
             Place::Parked if s.remote.unpark() => {
                 if used == 0 {
-                    bin.retire(s);
+                    self.retire(s);
                 } else {
                     bin.push_partial(s);
                 }
             }
             Place::Partial if used == 0 => {
                 bin.remove_partial(s);
-                bin.retire(s);
+                self.retire(s);
             }
             // An empty current slab stays: the next allocation of its class reuses it.
             _ => {}
@@ -258,7 +284,8 @@ impl Heap {
     fn collect_all(&self) {
         self.drain_returned();
         for bin in &self.bins {
-            bin.drop_spare();
+            self.spare_bytes
+                .set(self.spare_bytes.get() - bin.drop_spares());
             if let Some(cur) = ptr_ref(bin.cur.get()).filter(|s| !ptr::eq(*s, &slab::EMPTY)) {
                 bin.cur.set(&slab::EMPTY);
                 bin.push_partial(cur);
