@@ -7,14 +7,23 @@
 //!
 //! ```text
 //! accounting (who pays)                       allocator (where bytes live)
-//! A2 accounting/context.rs, spawn.rs          (next: L4 alloc/global.rs joins both stacks)
-//!    per-thread exec/fork, guards, spawn      (next: L3 thread heaps, L2 slabs, L1 runs)
-//! A1 accounting/registry.rs, handle.rs
-//!    slot table, ids, lifetime, hierarchy
+//!                                    L4 alloc/global.rs: GlobalAlloc, BcAllocator;
+//!                                       the only module that uses both stacks
+//! A3 accounting/stock.rs             L3 alloc/thread_cache.rs  per-thread heaps, bins,
+//!    per-thread stocks and debts,          abandon/reclaim at thread exit
+//!    reclaim before refusing         L2 alloc/slab.rs, remote.rs  one size class per slab,
+//! A2 accounting/context.rs, spawn.rs,      owner tags, lock-free remote frees
+//!    future.rs: exec/fork, guards,   L1 alloc/run.rs, page_map.rs, size_class.rs
+//!    severity scopes, spawn, futures       segments, page runs, huge blocks,
+//! A1 accounting/registry.rs: slots,        pointer -> metadata
+//!    ids, lifetime, hierarchy walk
+//!    accounting/handle.rs: the public
+//!    API over A1-A3 (handles, stat,
+//!    checkpoint)
 //! A0 accounting/beancounter.rs, types.rs
-//!    one counter: add, check, roll back
+//!    one counter: add, check, publish
 //! ------------------------------------------------------------------------------------
-//! L0 os/        anonymous mappings, never allocates
+//! L0 os/        anonymous mappings, madvise, mremap; never allocates
 //!    sync.rs    the one switch between std and loom primitives
 //! ```
 //!
@@ -27,6 +36,10 @@
 //! - *context*: a thread's exec beancounter (charged now) and fork beancounter (inherited
 //!   by threads it spawns).
 //! - *charge* / *uncharge*: add to / subtract from `held`, checked by a *severity*.
+//! - *stock*: what a thread charged ahead to its exec beancounter; *debt*: what it freed of
+//!   another beancounter and has not uncharged yet. Both are charged but not in use.
+//! - *OS page* (4 KiB) vs *run* (consecutive pages of a 4 MiB *segment*) vs *slab* (a run
+//!   cut into objects of one size class) vs *huge block* (a mapping of its own).
 
 #![warn(missing_debug_implementations)]
 
