@@ -15,6 +15,32 @@ fn pair(bc: &beancounter::Beancounter, severity: Severity) {
     drop(black_box(c));
 }
 
+/// Runs `iters` pairs on `mine` here and on `theirs` on another thread, started together;
+/// returns this thread's time.
+fn two_threads(
+    mine: &beancounter::Beancounter,
+    theirs: &beancounter::Beancounter,
+    iters: u64,
+) -> Duration {
+    let start = Barrier::new(2);
+    std::thread::scope(|s| {
+        let other = s.spawn(|| {
+            start.wait();
+            for _ in 0..iters {
+                pair(theirs, Severity::Limit);
+            }
+        });
+        start.wait();
+        let t = Instant::now();
+        for _ in 0..iters {
+            pair(mine, Severity::Limit);
+        }
+        let took = t.elapsed();
+        other.join().unwrap();
+        took
+    })
+}
+
 fn charge(c: &mut Criterion) {
     let mut g = c.benchmark_group("charge");
     let top = beancounter::find_or_create(BcId(1)).unwrap();
@@ -32,53 +58,15 @@ fn charge(c: &mut Criterion) {
         b.iter(|| pair(&child, Severity::Limit))
     });
 
-    // Two threads on one beancounter: the time for `iters` pairs on each thread at once,
-    // reported per pair of one thread (so equal to the uncontended figure if nothing
-    // contended).
-    g.bench_function("two_threads/same_bc", |b| {
-        b.iter_custom(|iters| {
-            let start = Barrier::new(2);
-            std::thread::scope(|s| {
-                let other = s.spawn(|| {
-                    start.wait();
-                    for _ in 0..iters {
-                        pair(&top, Severity::Limit);
-                    }
-                });
-                start.wait();
-                let t = Instant::now();
-                for _ in 0..iters {
-                    pair(&top, Severity::Limit);
-                }
-                let mine = t.elapsed();
-                other.join().unwrap();
-                mine
-            })
-        })
-    });
-
-    // Two threads, each its own beancounter: the counters sit on separate cache lines.
+    // Two threads at once, on one beancounter and on one each: the time for `iters` pairs
+    // on each thread, reported per pair of one thread (so equal to the uncontended figure
+    // if nothing contended). Separate beancounters have separate cache lines.
     let other_bc = beancounter::find_or_create(BcId(3)).unwrap();
+    g.bench_function("two_threads/same_bc", |b| {
+        b.iter_custom(|iters| two_threads(&top, &top, iters))
+    });
     g.bench_function("two_threads/own_bc", |b| {
-        b.iter_custom(|iters| {
-            let start = Barrier::new(2);
-            std::thread::scope(|s| {
-                let other = s.spawn(|| {
-                    start.wait();
-                    for _ in 0..iters {
-                        pair(&other_bc, Severity::Limit);
-                    }
-                });
-                start.wait();
-                let t = Instant::now();
-                for _ in 0..iters {
-                    pair(&top, Severity::Limit);
-                }
-                let mine: Duration = t.elapsed();
-                other.join().unwrap();
-                mine
-            })
-        })
+        b.iter_custom(|iters| two_threads(&top, &other_bc, iters))
     });
     g.finish();
 }

@@ -399,23 +399,11 @@ impl Registry {
         self.charge_counted(index, r, ri, n, severity, true)
     }
 
-    /// [`charge`](Self::charge) for an attempt the caller may follow with another (a stock
-    /// batch, or a try before reclaiming stocks): a refusal is not counted, because the
-    /// request is not refused yet.
+    /// [`charge`](Self::charge), with `count == false` for an attempt the caller may follow
+    /// with another (a stock batch, a try before reclaiming stocks, growing in place before
+    /// moving): such a refusal is not counted, because the request is not refused yet.
     #[inline]
-    pub(crate) fn charge_tentative(
-        &self,
-        index: u32,
-        r: Resource,
-        ri: usize,
-        n: u64,
-        severity: Severity,
-    ) -> Result<(), Exceeded> {
-        self.charge_counted(index, r, ri, n, severity, false)
-    }
-
-    #[inline]
-    fn charge_counted(
+    pub(crate) fn charge_counted(
         &self,
         index: u32,
         r: Resource,

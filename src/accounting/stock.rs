@@ -328,12 +328,7 @@ pub(crate) fn charge_pair(
     objs: u64,
     severity: Severity,
 ) -> Result<(), Exceeded> {
-    reg.charge(bc, Resource::Memory, MEMORY, mem, severity)?;
-    if let Err(e) = reg.charge(bc, Resource::Allocations, ALLOCATIONS, objs, severity) {
-        reg.uncharge(bc, MEMORY, mem);
-        return Err(e);
-    }
-    Ok(())
+    charge_pair_counted(reg, bc, mem, objs, severity, true)
 }
 
 /// [`charge_pair`] as an attempt that may be followed by another: a refusal is not counted.
@@ -344,8 +339,26 @@ fn charge_pair_tentative(
     objs: u64,
     severity: Severity,
 ) -> Result<(), Exceeded> {
-    reg.charge_tentative(bc, Resource::Memory, MEMORY, mem, severity)?;
-    if let Err(e) = reg.charge_tentative(bc, Resource::Allocations, ALLOCATIONS, objs, severity) {
+    charge_pair_counted(reg, bc, mem, objs, severity, false)
+}
+
+fn charge_pair_counted(
+    reg: &Registry,
+    bc: u32,
+    mem: u64,
+    objs: u64,
+    severity: Severity,
+    count: bool,
+) -> Result<(), Exceeded> {
+    reg.charge_counted(bc, Resource::Memory, MEMORY, mem, severity, count)?;
+    if let Err(e) = reg.charge_counted(
+        bc,
+        Resource::Allocations,
+        ALLOCATIONS,
+        objs,
+        severity,
+        count,
+    ) {
         reg.uncharge(bc, MEMORY, mem);
         return Err(e);
     }

@@ -274,12 +274,13 @@ unsafe fn reallocate(ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
             // Tentative: if growing in place is refused, moving may still succeed (after
             // stocks are reclaimed), and only that decides whether the request is refused.
             if reg
-                .charge_tentative(
+                .charge_counted(
                     bc,
                     Resource::Memory,
                     0,
                     (want - have) as u64,
                     context::severity(),
+                    false,
                 )
                 .is_ok()
             {
@@ -296,7 +297,7 @@ unsafe fn reallocate(ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
             let grow = want.saturating_sub(have) as u64;
             if grow == 0
                 || reg
-                    .charge_tentative(bc, Resource::Memory, 0, grow, context::severity())
+                    .charge_counted(bc, Resource::Memory, 0, grow, context::severity(), false)
                     .is_ok()
             {
                 if let Some(moved) = run::resize_huge(head, new_size) {
