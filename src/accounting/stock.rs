@@ -38,7 +38,7 @@
 //! The membarrier turns the owner's compiler fence into a full fence wherever the owner
 //! was: either the owner's `busy = 1` is visible to the reclaimer (which waits for it to
 //! clear), or the owner's next read of `steal` sees 1 (and it keeps off its stock). If the
-//! kernel has no `membarrier`, owners use a real fence instead. Owner slow paths and
+//! kernel has no `membarrier`, threads get no stock and charge directly. Owner slow paths and
 //! reclaimers also take the slot's lock, and reclaimers are serialised among themselves.
 //! The loom model replaces the membarrier/compiler-fence pair by `SeqCst` fences on both
 //! sides, which is the guarantee the pair gives.
@@ -420,18 +420,15 @@ fn spin() {
     std::thread::yield_now();
 }
 
-/// The owner's side of the asymmetric fence.
+/// The owner's side of the asymmetric fence: a compiler fence, which the reclaimer's
+/// membarrier turns into a full one. (Without membarrier there are no stocks at all: every
+/// thread charges directly, see `claim`.)
 #[inline]
 fn owner_fence() {
     #[cfg(beancounter_loom)]
     fence(Ordering::SeqCst);
     #[cfg(not(beancounter_loom))]
-    {
-        compiler_fence(Ordering::SeqCst);
-        if !membarrier::available() {
-            fence(Ordering::SeqCst);
-        }
-    }
+    compiler_fence(Ordering::SeqCst);
 }
 
 /// The reclaimer's side: a full fence on every CPU running this process.
@@ -476,8 +473,8 @@ mod membarrier {
     /// 0 = not tried, 1 = registered, 2 = unavailable.
     static STATE: AtomicU32 = AtomicU32::new(0);
 
-    /// Whether reclaimers can fence owners. Owners read this on every stock operation; it
-    /// is settled (by `register`) before any stock exists.
+    /// Whether reclaimers can fence owners; settled (by `register`) before any stock
+    /// exists, and without it no stock is handed out.
     #[inline]
     pub(super) fn available() -> bool {
         STATE.load(Relaxed) == 1
@@ -573,6 +570,10 @@ mod table {
 
     fn claim() -> *const StockSlot {
         membarrier::register();
+        if !membarrier::available() {
+            // Reclaimers could not fence owners: no stocks, every charge goes direct.
+            return DIRECT;
+        }
         let mut t = TABLE.lock();
         if t.slots.is_null() {
             match crate::os::map(SLOTS * core::mem::size_of::<StockSlot>()) {
