@@ -236,7 +236,7 @@ impl StockSlot {
         } else {
             (0, 0)
         };
-        let result = match charge_pair_tentative(reg, bc, bytes + mem, 1 + objs, severity) {
+        let result = match charge_pair_counted(reg, bc, bytes + mem, 1 + objs, severity, false) {
             Ok(()) if mem + objs > 0 => {
                 // Owner under its own lock: no reclaimer is at work on this slot.
                 self.mem.store(self.mem.load(Relaxed) + mem, Relaxed);
@@ -245,7 +245,7 @@ impl StockSlot {
                 Ok(())
             }
             Ok(()) => Ok(()),
-            Err(_) if mem + objs > 0 => charge_pair_tentative(reg, bc, bytes, 1, severity),
+            Err(_) if mem + objs > 0 => charge_pair_counted(reg, bc, bytes, 1, severity, false),
             Err(e) => Err(e),
         };
         self.unlock();
@@ -331,17 +331,8 @@ pub(crate) fn charge_pair(
     charge_pair_counted(reg, bc, mem, objs, severity, true)
 }
 
-/// [`charge_pair`] as an attempt that may be followed by another: a refusal is not counted.
-fn charge_pair_tentative(
-    reg: &Registry,
-    bc: u32,
-    mem: u64,
-    objs: u64,
-    severity: Severity,
-) -> Result<(), Exceeded> {
-    charge_pair_counted(reg, bc, mem, objs, severity, false)
-}
-
+/// [`charge_pair`]; with `count == false` for an attempt that may be followed by another
+/// (a refill batch, a try before reclaiming stocks), whose refusal is not counted.
 fn charge_pair_counted(
     reg: &Registry,
     bc: u32,
@@ -627,7 +618,7 @@ mod table {
         }
         let first = match mine() {
             Some(s) => s.charge_slow(reg, bc, bytes, severity),
-            None => super::charge_pair_tentative(reg, bc, bytes, 1, severity),
+            None => super::charge_pair_counted(reg, bc, bytes, 1, severity, false),
         };
         first.or_else(|e| reclaim_and_retry(e, bc, bytes, 1, severity))
     }
@@ -639,7 +630,7 @@ mod table {
         objs: u64,
         severity: Severity,
     ) -> Result<(), Exceeded> {
-        super::charge_pair_tentative(registry(), bc, mem, objs, severity)
+        super::charge_pair_counted(registry(), bc, mem, objs, severity, false)
             .or_else(|e| reclaim_and_retry(e, bc, mem, objs, severity))
     }
 
