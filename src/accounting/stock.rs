@@ -281,16 +281,7 @@ impl StockSlot {
     /// Pays the debt: uncharges what this thread freed of the other beancounter. The caller
     /// holds the lock and no fast path is running.
     fn settle_debt(&self, reg: &Registry) {
-        let bc = self.debt_bc.load(Relaxed);
-        if bc == NONE {
-            return;
-        }
-        let (m, o) = (self.debt_mem.load(Relaxed), self.debt_objs.load(Relaxed));
-        self.debt_mem.store(0, Relaxed);
-        self.debt_objs.store(0, Relaxed);
-        self.debt_bc.store(NONE, Relaxed);
-        reg.uncharge(bc, MEMORY, m);
-        reg.uncharge(bc, ALLOCATIONS, o);
+        give_back(reg, &self.debt_bc, &self.debt_mem, &self.debt_objs);
     }
 
     /// The debt's beancounter and amounts (racy unless quiescent; for `stat`).
@@ -306,18 +297,23 @@ impl StockSlot {
     /// is running.
     fn drain_locked(&self, reg: &Registry) {
         self.settle_debt(reg);
-        let bc = self.bc.load(Relaxed);
-        if bc == NONE {
-            return;
-        }
-        let (m, o) = (self.mem.load(Relaxed), self.objs.load(Relaxed));
-        // Zero the stock before uncharging, so `stocked` never counts more than is charged.
-        self.mem.store(0, Relaxed);
-        self.objs.store(0, Relaxed);
-        self.bc.store(NONE, Relaxed);
-        reg.uncharge(bc, MEMORY, m);
-        reg.uncharge(bc, ALLOCATIONS, o);
+        give_back(reg, &self.bc, &self.mem, &self.objs);
     }
+}
+
+/// Uncharges what a stock or a debt holds from its beancounter and empties it. The amounts
+/// are zeroed before uncharging, so `stocked` never counts more than is charged.
+fn give_back(reg: &Registry, bc: &AtomicU32, mem: &AtomicU64, objs: &AtomicU64) {
+    let owner = bc.load(Relaxed);
+    if owner == NONE {
+        return;
+    }
+    let (m, o) = (mem.load(Relaxed), objs.load(Relaxed));
+    mem.store(0, Relaxed);
+    objs.store(0, Relaxed);
+    bc.store(NONE, Relaxed);
+    reg.uncharge(owner, MEMORY, m);
+    reg.uncharge(owner, ALLOCATIONS, o);
 }
 
 /// Charges `mem` bytes and `objs` objects, both or neither; a refusal is counted.
