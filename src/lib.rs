@@ -22,6 +22,8 @@
 //!    checkpoint)
 //! A0 accounting/beancounter.rs, types.rs
 //!    one counter: add, check, publish
+//! report.rs: snapshots, the /proc/user_beancounters table, Prometheus text, event
+//!    watching; above the accounting stack, for host threads only
 //! ------------------------------------------------------------------------------------
 //! L0 os/        anonymous mappings, madvise, mremap; never allocates
 //!    sync.rs    the one switch between std and loom primitives
@@ -50,6 +52,7 @@ compile_error!("beancounter supports 64-bit Linux");
 mod accounting;
 mod alloc;
 mod os;
+pub mod report;
 mod sync;
 
 pub use accounting::beancounter::Events;

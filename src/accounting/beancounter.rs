@@ -26,6 +26,14 @@
 use super::types::{ResourceStat, Severity, MAX};
 use crate::sync::{const_fn, AtomicI64, AtomicU64, Ordering::Relaxed};
 
+/// Wakes hosts waiting for events (`report::EventWatcher`); the loom models have no
+/// process-wide event word.
+#[inline]
+fn note_event() {
+    #[cfg(not(beancounter_loom))]
+    crate::os::event::bump();
+}
+
 /// A refused charge, seen from one counter.
 #[derive(Clone, Copy, Debug)]
 pub(crate) struct Refusal {
@@ -80,6 +88,29 @@ pub struct Events {
     pub forced_past_limit: u64,
     /// Uncharges of more than was held (a caller bug; the counter was clamped at zero).
     pub uncharge_warnings: u64,
+}
+
+impl Events {
+    /// The events between `earlier` and `self`, field by field; a count that went down (the
+    /// beancounter was freed and created again in between) counts from zero.
+    ///
+    /// # Examples
+    /// ```
+    /// use beancounter::Events;
+    /// let a = Events { barrier_crossings: 2, ..Events::default() };
+    /// let b = Events { barrier_crossings: 5, refused_at_limit: 1, ..Events::default() };
+    /// assert_eq!(b.since(&a), Events { barrier_crossings: 3, refused_at_limit: 1, ..Events::default() });
+    /// ```
+    pub fn since(&self, earlier: &Events) -> Events {
+        let d = |now: u64, then: u64| if now >= then { now - then } else { now };
+        Events {
+            barrier_crossings: d(self.barrier_crossings, earlier.barrier_crossings),
+            refused_at_barrier: d(self.refused_at_barrier, earlier.refused_at_barrier),
+            refused_at_limit: d(self.refused_at_limit, earlier.refused_at_limit),
+            forced_past_limit: d(self.forced_past_limit, earlier.forced_past_limit),
+            uncharge_warnings: d(self.uncharge_warnings, earlier.uncharge_warnings),
+        }
+    }
 }
 
 impl ResourceCounter {
@@ -168,6 +199,7 @@ impl ResourceCounter {
         if after > limit {
             self.forced_past.fetch_add(1, Relaxed);
         }
+        note_event();
     }
 
     /// Records a value `held` reached through a completed charge.
@@ -204,6 +236,7 @@ impl ResourceCounter {
             // Only a charge past MAX: counted in failcnt alone.
             Severity::Force => 0,
         };
+        note_event();
         Refusal {
             held: held.max(0) as u64,
             bound: bound as u64,
@@ -232,6 +265,7 @@ impl ResourceCounter {
                 Ok(_) => {
                     if cur < n {
                         self.warnings.fetch_add(1, Relaxed);
+                        note_event();
                     }
                     return new;
                 }

@@ -451,6 +451,35 @@ pub fn capacity() -> u32 {
     registry().capacity()
 }
 
+/// Handles to every live beancounter, the root first, then in slot order; beancounters
+/// whose last handle is gone but that still hold charges (awaiting [`reap`]) are included.
+/// Allocation goes on meanwhile: the registry lock is held only to take the references.
+pub(crate) fn live_beancounters() -> Vec<Beancounter> {
+    let reg = registry();
+    let mut indices: Vec<u32> = Vec::new();
+    loop {
+        // Room for some growth between the count and the walk; retry if it outgrew that.
+        let want = reg.live() as usize + 16;
+        indices.reserve(want.saturating_sub(indices.capacity()));
+        let live = reg.retain_live(&mut indices);
+        if indices.len() >= live as usize || indices.len() < indices.capacity() {
+            break;
+        }
+        for index in indices.drain(..) {
+            reg.release(index);
+        }
+    }
+    let mut out = Vec::with_capacity(indices.len() + 1);
+    out.push(root());
+    out.extend(indices.into_iter().map(Beancounter::from_owned_index));
+    out
+}
+
+/// The resources counted now: the built-in ones, then the registered custom ones.
+pub(crate) fn resources() -> impl Iterator<Item = Resource> {
+    (0..registry().resource_count()).map(Resource::from_index)
+}
+
 /// Live beancounters besides the root.
 pub fn live_count() -> u32 {
     registry().live()

@@ -351,6 +351,24 @@ impl Registry {
         before - inner.live
     }
 
+    /// Takes one reference on every live slot besides the root (zombies included, which
+    /// this revives until the references are released) and pushes their indices, in slot
+    /// order, without growing `out`: nothing allocates under the lock. Returns how many
+    /// live slots there are; more than were pushed means `out` was too small.
+    #[cfg(not(beancounter_loom))]
+    pub(crate) fn retain_live(&self, out: &mut Vec<u32>) -> u32 {
+        let inner = self.inner.lock();
+        for index in 1..inner.hwm {
+            let slot = self.slot(index);
+            if slot.state.load(Ordering::Acquire) & LIVE != 0 && out.len() < out.capacity() {
+                // Under the lock, so a release that saw refs fall to zero cannot free it now.
+                self.take_ref(slot);
+                out.push(index);
+            }
+        }
+        inner.live
+    }
+
     /// Maps the table on first use.
     fn ensure_table(&self, inner: &mut Inner) -> Result<(), BcError> {
         if !inner.slots.is_null() {

@@ -6,6 +6,8 @@
 
 use core::ptr::NonNull;
 
+pub(crate) mod event;
+
 /// The OS page size this crate is built for (x86_64 and aarch64 Linux with 4 KiB pages).
 pub(crate) const PAGE: usize = 4096;
 
