@@ -376,7 +376,11 @@ impl EventWatcher {
     fn counts(snapshot: &[BcSnapshot]) -> Vec<((u32, Resource), Events)> {
         let mut v: Vec<_> = snapshot
             .iter()
-            .flat_map(|bc| bc.resources.iter().map(|r| ((bc.id.0, r.resource), r.events)))
+            .flat_map(|bc| {
+                bc.resources
+                    .iter()
+                    .map(|r| ((bc.id.0, r.resource), r.events))
+            })
             .collect();
         v.sort_by_key(|&((id, r), _)| (id, r.index()));
         v
@@ -391,9 +395,7 @@ impl EventWatcher {
                 let key = (bc.id.0, r.resource);
                 let before = self
                     .last
-                    .binary_search_by_key(&(key.0, key.1.index()), |&((id, r), _)| {
-                        (id, r.index())
-                    })
+                    .binary_search_by_key(&(key.0, key.1.index()), |&((id, r), _)| (id, r.index()))
                     .map_or(Events::default(), |i| self.last[i].1);
                 let delta = r.events.since(&before);
                 if delta != Events::default() {
