@@ -1,9 +1,14 @@
-//! Every bad input of DESIGN §7 that exists so far: the right `BcError`, and no state change.
+//! Every bad input of DESIGN §7 in one table: the right `BcError` (for the allocator, a null
+//! pointer, reported here as `BcError::OutOfMemory`), and no state change.
+//!
+//! The OS refusing memory is not in the table: a refused mapping is charged first and
+//! rolled back, which leaves the attempt in `maxheld`; `tests/alloc_faults.rs` checks it.
 
 use beancounter::{
-    find_or_create, BcError, BcId, Beancounter, Limits, Resource, ResourceStat, Severity, MAX,
-    MAX_CUSTOM_RESOURCES, MAX_DEPTH,
+    find_or_create, BcError, BcId, BeanAlloc, Beancounter, Limits, Resource, ResourceStat,
+    Severity, MAX, MAX_CUSTOM_RESOURCES, MAX_DEPTH,
 };
+use std::alloc::{GlobalAlloc, Layout};
 
 /// Everything a bad call could disturb, as seen through the public API.
 #[derive(Debug, PartialEq)]
@@ -47,6 +52,9 @@ fn snapshot(bcs: &[&Beancounter], resources: &[Resource], probes: &[BcId]) -> St
         invariants: beancounter::check_invariants(),
     }
 }
+
+/// The allocator, called directly (it need not be the global one to be tested).
+static HEAP: BeanAlloc = BeanAlloc::new();
 
 type Call<'a> = Box<dyn Fn() -> Result<(), BcError> + 'a>;
 
@@ -257,6 +265,67 @@ fn every_bad_input_is_an_error_and_changes_nothing() {
         ));
     }
 
+    // Layouts Rust forbids a real allocation from having (larger than the address space can
+    // hold, or aligned past what any run serves): null, with nothing charged, through every
+    // `GlobalAlloc` method, for a tenant with no bounds (so only the layout can refuse).
+    let block_layout = Layout::from_size_align(100, 8).unwrap();
+    let block = {
+        let _g = other.enter();
+        // SAFETY: a non-zero-size layout.
+        unsafe { HEAP.alloc(block_layout) }
+    };
+    assert!(!block.is_null());
+    let impossible = [
+        Layout::from_size_align(isize::MAX as usize - 4095, 4096).unwrap(),
+        Layout::from_size_align(1 << 47, 8).unwrap(),
+        Layout::from_size_align(8, 4 << 20).unwrap(),
+        Layout::from_size_align(1 << 30, 1 << 30).unwrap(),
+    ];
+    let null = |p: *mut u8| {
+        if p.is_null() {
+            Err(BcError::OutOfMemory)
+        } else {
+            Ok(())
+        }
+    };
+    {
+        let other = &other;
+        for layout in impossible {
+            cases.push((
+                format!("alloc({layout:?})"),
+                Box::new(move || {
+                    let _g = other.enter();
+                    // SAFETY: a non-zero-size layout; a non-null result would be a bug and
+                    // is reported, not freed.
+                    null(unsafe { HEAP.alloc(layout) })
+                }),
+                BcError::OutOfMemory,
+            ));
+            cases.push((
+                format!("alloc_zeroed({layout:?})"),
+                Box::new(move || {
+                    let _g = other.enter();
+                    // SAFETY: as above.
+                    null(unsafe { HEAP.alloc_zeroed(layout) })
+                }),
+                BcError::OutOfMemory,
+            ));
+        }
+        for new_size in [isize::MAX as usize - 4095, 1 << 47] {
+            cases.push((
+                format!("realloc(100 B block, {new_size})"),
+                Box::new(move || {
+                    let _g = other.enter();
+                    // SAFETY: `block` is live with `block_layout`; `new_size` rounded up to
+                    // the alignment does not overflow isize. On null the block stays
+                    // as it was (checked below).
+                    null(unsafe { HEAP.realloc(block, block_layout, new_size) })
+                }),
+                BcError::OutOfMemory,
+            ));
+        }
+    }
+
     // ---- run it ----------------------------------------------------------------------
     let mut failures = Vec::new();
     for (name, call, expected) in &cases {
@@ -284,6 +353,12 @@ fn every_bad_input_is_an_error_and_changes_nothing() {
         failures.join("\n")
     );
     assert!(cases.len() > 80, "the table lost cases: {}", cases.len());
+    // The block the refused reallocs were given is untouched, and still frees cleanly.
+    {
+        let _g = other.enter();
+        // SAFETY: `block` is still live with `block_layout` (every realloc returned null).
+        unsafe { HEAP.dealloc(block, block_layout) };
+    }
 
     // The fixture is what the cases were checked against: make sure it is not trivial.
     let s = b.stat(Resource::Memory);
