@@ -11,7 +11,10 @@ fn readme_quickstart_is_the_example_verbatim() {
         .skip_while(|l| l.starts_with("//!") || l.is_empty())
         .map(|l| format!("{l}\n"))
         .collect();
-    assert!(code.contains("#[global_allocator]"), "the example lost its allocator");
+    assert!(
+        code.contains("#[global_allocator]"),
+        "the example lost its allocator"
+    );
     assert!(
         readme.contains(&format!("```rust\n{code}```\n")),
         "README.md's quickstart differs from examples/quickstart.rs"
