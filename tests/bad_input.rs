@@ -291,25 +291,24 @@ fn every_bad_input_is_an_error_and_changes_nothing() {
     {
         let other = &other;
         for layout in impossible {
-            cases.push((
-                format!("alloc({layout:?})"),
-                Box::new(move || {
-                    let _g = other.enter();
-                    // SAFETY: a non-zero-size layout; a non-null result would be a bug and
-                    // is reported, not freed.
-                    null(unsafe { HEAP.alloc(layout) })
-                }),
-                BcError::OutOfMemory,
-            ));
-            cases.push((
-                format!("alloc_zeroed({layout:?})"),
-                Box::new(move || {
-                    let _g = other.enter();
-                    // SAFETY: as above.
-                    null(unsafe { HEAP.alloc_zeroed(layout) })
-                }),
-                BcError::OutOfMemory,
-            ));
+            for zeroed in [false, true] {
+                cases.push((
+                    format!("alloc(zeroed: {zeroed}, {layout:?})"),
+                    Box::new(move || {
+                        let _g = other.enter();
+                        // SAFETY: a non-zero-size layout; a non-null result would be a bug
+                        // and is reported, not freed.
+                        null(unsafe {
+                            if zeroed {
+                                HEAP.alloc_zeroed(layout)
+                            } else {
+                                HEAP.alloc(layout)
+                            }
+                        })
+                    }),
+                    BcError::OutOfMemory,
+                ));
+            }
         }
         for new_size in [isize::MAX as usize - 4095, 1 << 47] {
             cases.push((
