@@ -73,6 +73,17 @@ pub use alloc::global::BcAllocator;
 pub use alloc::global::{check_heap, drain_stock, fail_next_os_maps, mapped_bytes, BeanAlloc};
 
 /// Threads that start in the spawning thread's fork beancounter.
+///
+/// # Examples
+/// ```
+/// use beancounter::BcId;
+/// let t = beancounter::find_or_create(BcId(6)).unwrap();
+/// let _g = t.enter();
+/// let ours = beancounter::thread::spawn(beancounter::current_id).unwrap();
+/// let plain = std::thread::spawn(beancounter::current_id);
+/// assert_eq!(ours.join().unwrap(), BcId(6));
+/// assert_eq!(plain.join().unwrap(), BcId::ROOT); // std threads start in the root
+/// ```
 pub mod thread {
     pub use crate::accounting::spawn::{spawn, Builder};
 }

@@ -33,6 +33,18 @@ use core::fmt::Write;
 use std::time::Duration;
 
 /// One resource of one beancounter, as read by [`snapshot`].
+///
+/// # Examples
+/// ```
+/// use beancounter::{report, BcId, Resource, Severity};
+/// let t = beancounter::find_or_create(BcId(704)).unwrap();
+/// let _c = t.charge(Resource::Threads, 2, Severity::Limit).unwrap();
+/// let snap = report::snapshot();
+/// let bc = snap.iter().find(|b| b.id == BcId(704)).unwrap();
+/// let threads: &report::ResourceSnapshot = bc.resource(Resource::Threads).unwrap();
+/// assert_eq!(threads.stat, t.stat(Resource::Threads));
+/// assert_eq!(threads.events, t.events(Resource::Threads));
+/// ```
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 pub struct ResourceSnapshot {
     /// Which resource.
@@ -44,6 +56,18 @@ pub struct ResourceSnapshot {
 }
 
 /// One beancounter, as read by [`snapshot`].
+///
+/// # Examples
+/// ```
+/// use beancounter::{report, BcId, Resource};
+/// let user = beancounter::find_or_create(BcId(705)).unwrap();
+/// let _query = user.new_child(BcId(706)).unwrap();
+/// let snap = report::snapshot();
+/// let q = snap.iter().find(|b| b.id == BcId(706)).unwrap();
+/// assert_eq!(q.parent, Some(BcId(705)));
+/// let counted: Vec<Resource> = q.resources.iter().map(|r| r.resource).collect();
+/// assert_eq!(counted, Resource::BUILTIN); // no custom resource registered
+/// ```
 #[derive(Clone, PartialEq, Eq, Debug)]
 pub struct BcSnapshot {
     /// Its id.
@@ -131,6 +155,17 @@ pub fn user_beancounters() -> String {
 }
 
 /// [`user_beancounters`] of a snapshot taken earlier.
+///
+/// # Examples
+/// ```
+/// use beancounter::{report, BcId};
+/// let _t = beancounter::find_or_create(BcId(707)).unwrap();
+/// let mut snap = report::snapshot();
+/// snap.retain(|b| b.id == BcId(707)); // one tenant's own view
+/// let table = report::render_user_beancounters(&snap);
+/// assert_eq!(table.lines().count(), 2 + 3); // version, header, three resources
+/// assert!(table.lines().nth(2).unwrap().starts_with("       707: memory"));
+/// ```
 pub fn render_user_beancounters(snapshot: &[BcSnapshot]) -> String {
     let mut out = String::with_capacity(64 + snapshot.len() * 4 * 120);
     out.push_str("Version: 2.5\n");
@@ -268,6 +303,18 @@ const FAMILIES: [Family; 11] = [
 ];
 
 /// [`prometheus`] of a snapshot taken earlier.
+///
+/// # Examples
+/// ```
+/// use beancounter::{report, BcId, Resource, Severity};
+/// let t = beancounter::find_or_create(BcId(708)).unwrap();
+/// let c = t.charge(Resource::Threads, 3, Severity::Limit).unwrap();
+/// let snap = report::snapshot();
+/// drop(c); // the snapshot keeps what it read
+/// let sample = r#"beancounter_held{id="708",resource="threads"}"#;
+/// assert!(report::render_prometheus(&snap).contains(&format!("{sample} 3\n")));
+/// assert!(report::prometheus().contains(&format!("{sample} 0\n")));
+/// ```
 pub fn render_prometheus(snapshot: &[BcSnapshot]) -> String {
     let mut out = String::with_capacity(2048 + snapshot.len() * 4 * 11 * 64);
     for f in &FAMILIES {
@@ -298,6 +345,20 @@ pub fn render_prometheus(snapshot: &[BcSnapshot]) -> String {
 
 /// Something that happened to one resource of one beancounter since an [`EventWatcher`]
 /// last looked.
+///
+/// # Examples
+/// ```
+/// use beancounter::{report::EventWatcher, BcId, Limits, Resource, Severity};
+/// let t = beancounter::find_or_create(BcId(709)).unwrap();
+/// t.set_limits(Resource::Threads, Limits::new(0, 1).unwrap()).unwrap();
+/// let mut watcher = EventWatcher::new();
+/// let _c = t.charge(Resource::Threads, 1, Severity::Limit).unwrap(); // crosses the barrier
+/// assert!(t.charge(Resource::Threads, 1, Severity::Limit).is_err()); // refused at the limit
+/// let e = watcher.poll().into_iter().find(|e| e.id == BcId(709)).unwrap();
+/// assert_eq!(e.resource, Resource::Threads);
+/// assert_eq!((e.delta.barrier_crossings, e.delta.refused_at_limit), (1, 1));
+/// assert_eq!(e.stat.held, 1);
+/// ```
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 pub struct Event {
     /// The beancounter.
@@ -347,6 +408,16 @@ impl Default for EventWatcher {
 
 impl EventWatcher {
     /// A watcher that reports events from now on.
+    ///
+    /// # Examples
+    /// ```
+    /// use beancounter::{report::EventWatcher, BcId, Limits, Resource, Severity};
+    /// let t = beancounter::find_or_create(BcId(710)).unwrap();
+    /// t.set_limits(Resource::Threads, Limits::new(0, 0).unwrap()).unwrap();
+    /// assert!(t.charge(Resource::Threads, 1, Severity::Limit).is_err()); // before the watcher
+    /// let mut watcher = EventWatcher::new();
+    /// assert!(watcher.poll().is_empty()); // only what happens from now on
+    /// ```
     pub fn new() -> EventWatcher {
         let mut w = EventWatcher {
             seen: crate::os::event::seq(),
@@ -357,6 +428,18 @@ impl EventWatcher {
     }
 
     /// The events since the last look, without waiting (empty if none).
+    ///
+    /// # Examples
+    /// ```
+    /// use beancounter::{report::EventWatcher, BcId, Limits, Resource, Severity};
+    /// let t = beancounter::find_or_create(BcId(711)).unwrap();
+    /// t.set_limits(Resource::Threads, Limits::new(0, 0).unwrap()).unwrap();
+    /// let mut watcher = EventWatcher::new();
+    /// assert!(watcher.poll().is_empty());
+    /// assert!(t.charge(Resource::Threads, 1, Severity::Limit).is_err());
+    /// assert_eq!(watcher.poll()[0].delta.refused_at_limit, 1);
+    /// assert!(watcher.poll().is_empty()); // each event is reported once
+    /// ```
     pub fn poll(&mut self) -> Vec<Event> {
         let now = crate::os::event::seq();
         if now == self.seen {
@@ -368,6 +451,21 @@ impl EventWatcher {
 
     /// The events since the last look, sleeping up to `timeout` for the first one (empty if
     /// none came).
+    ///
+    /// # Examples
+    /// ```
+    /// use beancounter::{report::EventWatcher, BcId, Limits, Resource, Severity};
+    /// use std::time::{Duration, Instant};
+    /// let t = beancounter::find_or_create(BcId(712)).unwrap();
+    /// t.set_limits(Resource::Threads, Limits::new(0, 0).unwrap()).unwrap();
+    /// let mut watcher = EventWatcher::new();
+    /// let start = Instant::now();
+    /// assert!(watcher.wait(Duration::from_millis(20)).is_empty()); // nothing came
+    /// assert!(start.elapsed() >= Duration::from_millis(20));
+    /// assert!(t.charge(Resource::Threads, 1, Severity::Limit).is_err());
+    /// let events = watcher.wait(Duration::from_secs(10)); // returns at once
+    /// assert_eq!(events[0].delta.refused_at_limit, 1);
+    /// ```
     pub fn wait(&mut self, timeout: Duration) -> Vec<Event> {
         self.seen = crate::os::event::wait(self.seen, timeout);
         self.diff()

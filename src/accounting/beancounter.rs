@@ -76,6 +76,19 @@ pub(crate) struct ResourceCounter {
 }
 
 /// Event counts of one resource of one beancounter, since it was created.
+///
+/// # Examples
+/// ```
+/// use beancounter::{BcId, Limits, Resource, Severity};
+/// let t = beancounter::find_or_create(BcId(90)).unwrap();
+/// t.set_limits(Resource::Threads, Limits::new(1, 1).unwrap()).unwrap();
+/// let _a = t.charge(Resource::Threads, 1, Severity::Limit).unwrap(); // at the barrier, not over
+/// assert!(t.charge(Resource::Threads, 1, Severity::Barrier).is_err());
+/// let _b = t.charge(Resource::Threads, 1, Severity::Force).unwrap(); // over both bounds
+/// let e = t.events(Resource::Threads);
+/// assert_eq!((e.refused_at_barrier, e.barrier_crossings, e.forced_past_limit), (1, 1, 1));
+/// assert_eq!(e.refused_at_limit, 0);
+/// ```
 #[derive(Clone, Copy, PartialEq, Eq, Hash, Debug, Default)]
 pub struct Events {
     /// Charges that took `held` over the barrier (from at or below it).

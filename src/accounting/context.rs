@@ -91,6 +91,15 @@ pub fn current() -> Beancounter {
 }
 
 /// The id of this thread's exec beancounter.
+///
+/// # Examples
+/// ```
+/// use beancounter::BcId;
+/// assert_eq!(beancounter::current_id(), BcId::ROOT); // every thread starts in the root
+/// let t = beancounter::find_or_create(BcId(23)).unwrap();
+/// let _g = t.enter();
+/// assert_eq!(beancounter::current_id(), t.id());
+/// ```
 pub fn current_id() -> BcId {
     registry().id_of(exec_index())
 }
@@ -201,12 +210,38 @@ impl Beancounter {
 
     /// Makes this the exec beancounter only: work is charged here, but threads spawned
     /// meanwhile still start in the current fork beancounter.
+    ///
+    /// # Examples
+    /// ```
+    /// use beancounter::BcId;
+    /// let t = beancounter::find_or_create(BcId(24)).unwrap();
+    /// let _g = t.enter_exec();
+    /// assert_eq!(beancounter::current_id(), BcId(24));
+    /// // A thread spawned now starts in the fork beancounter, still the root:
+    /// let child = beancounter::thread::spawn(beancounter::current_id).unwrap();
+    /// assert_eq!(child.join().unwrap(), BcId::ROOT);
+    /// ```
     pub fn enter_exec(&self) -> ExecGuard {
         switch(self.index(), false)
     }
 
     /// Makes this the exec and fork beancounter of the current thread for good (until the
     /// next `adopt`, or until an enclosing guard is dropped, which restores what it saved).
+    ///
+    /// # Examples
+    /// ```
+    /// use beancounter::BcId;
+    /// let t = beancounter::find_or_create(BcId(25)).unwrap();
+    /// let u = beancounter::find_or_create(BcId(26)).unwrap();
+    /// {
+    ///     let _g = t.enter();
+    ///     u.adopt();
+    ///     assert_eq!(beancounter::current_id(), BcId(26));
+    /// } // the enclosing guard restores what it replaced
+    /// assert_eq!(beancounter::current_id(), BcId::ROOT);
+    /// u.adopt(); // with no guard around it: for good
+    /// assert_eq!(beancounter::current_id(), BcId(26));
+    /// ```
     pub fn adopt(&self) {
         let reg = registry();
         let index = self.index();
@@ -273,8 +308,26 @@ pub fn fallible<R>(f: impl FnOnce() -> R) -> R {
 
 /// Runs `f` with its allocations never refused by a beancounter bound (they are still
 /// counted, and each one that leaves `held` above the limit is counted in
-/// [`Events::forced_past_limit`](crate::Events)): for host code that must not fail, such as
+/// [`Events::forced_past_limit`](crate::Events::forced_past_limit); only a charge that would
+/// take `held` past [`MAX`](crate::MAX) is refused, as for [`Severity::Force`](crate::Severity::Force)): for host code that must not fail, such as
 /// cleanup on behalf of a tenant that is over its limit.
+///
+/// # Examples
+/// ```
+/// #[global_allocator]
+/// static A: beancounter::BeanAlloc = beancounter::BeanAlloc::new();
+/// # fn main() {
+/// use beancounter::{BcId, Limits, Resource};
+/// let t = beancounter::find_or_create(BcId(27)).unwrap();
+/// t.set_limits(Resource::Memory, Limits::new(1 << 20, 1 << 20).unwrap()).unwrap();
+/// let _g = t.enter();
+/// let mut v: Vec<u8> = Vec::new();
+/// assert!(v.try_reserve(4 << 20).is_err()); // past the limit: refused
+/// beancounter::forced(|| v.reserve(4 << 20)); // never refused, still counted:
+/// assert!(t.stat(Resource::Memory).held > 1 << 20);
+/// assert_eq!(t.events(Resource::Memory).forced_past_limit, 1);
+/// # }
+/// ```
 pub fn forced<R>(f: impl FnOnce() -> R) -> R {
     with_severity(Severity::Force, f)
 }

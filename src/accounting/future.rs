@@ -55,6 +55,23 @@ pub trait FutureExt: Future + Sized {
 impl<F: Future> FutureExt for F {}
 
 /// A future run inside a beancounter; see [`FutureExt::in_beancounter`].
+///
+/// # Examples
+/// ```
+/// use beancounter::{BcId, FutureExt};
+/// use std::{future::{poll_fn, Future}, pin::pin, task::{Context, Poll, Waker}};
+/// let t = beancounter::find_or_create(BcId(51)).unwrap();
+/// let mut first = true;
+/// let inner = poll_fn(|_| match std::mem::take(&mut first) {
+///     true => Poll::Pending,
+///     false => Poll::Ready(beancounter::current_id()),
+/// });
+/// let mut fut = pin!(inner.in_beancounter(&t));
+/// let mut cx = Context::from_waker(Waker::noop());
+/// assert!(fut.as_mut().poll(&mut cx).is_pending());
+/// assert_eq!(beancounter::current_id(), BcId::ROOT); // `t` is entered only during a poll
+/// assert_eq!(fut.poll(&mut cx), Poll::Ready(BcId(51))); // every poll, not just the first
+/// ```
 #[must_use = "futures do nothing unless polled"]
 #[derive(Debug)]
 pub struct InBeancounter<F> {
@@ -86,6 +103,21 @@ impl<F> Drop for InBeancounter<F> {
 
 /// A future that stops when its beancounter goes over its barrier; see
 /// [`FutureExt::guarded`].
+///
+/// # Examples
+/// ```
+/// use beancounter::{BcId, FutureExt, Limits, Resource, Severity};
+/// use std::future::{pending, Future};
+/// use std::{pin::pin, task::{Context, Poll, Waker}};
+/// let t = beancounter::find_or_create(BcId(52)).unwrap();
+/// t.set_limits(Resource::Threads, Limits::new(1, 10).unwrap()).unwrap();
+/// let mut fut = pin!(pending::<()>().guarded(&t));
+/// let mut cx = Context::from_waker(Waker::noop());
+/// assert!(fut.as_mut().poll(&mut cx).is_pending());
+/// let _c = t.charge(Resource::Threads, 2, Severity::Limit).unwrap(); // over the barrier
+/// let Poll::Ready(Err(e)) = fut.poll(&mut cx) else { panic!("not stopped") };
+/// assert_eq!((e.id, e.resource, e.bound), (BcId(52), Resource::Threads, 1));
+/// ```
 #[must_use = "futures do nothing unless polled"]
 #[derive(Debug)]
 pub struct Guarded<F> {

@@ -51,12 +51,30 @@ impl Beancounter {
     }
 
     /// This beancounter's id.
+    ///
+    /// # Examples
+    /// ```
+    /// use beancounter::BcId;
+    /// let t = beancounter::find_or_create(BcId(110)).unwrap();
+    /// assert_eq!(t.id(), BcId(110));
+    /// assert_eq!(beancounter::root().id(), BcId::ROOT);
+    /// ```
     pub fn id(&self) -> BcId {
         registry().id_of(self.index)
     }
 
     /// The parent, for a beancounter made with [`new_child`](Self::new_child); `None` for
     /// top-level beancounters and the root.
+    ///
+    /// # Examples
+    /// ```
+    /// use beancounter::BcId;
+    /// let user = beancounter::find_or_create(BcId(111)).unwrap();
+    /// let query = user.new_child(BcId(112)).unwrap();
+    /// assert_eq!(query.parent(), Some(user.clone()));
+    /// assert_eq!(user.parent(), None); // top level
+    /// assert_eq!(beancounter::root().parent(), None);
+    /// ```
     pub fn parent(&self) -> Option<Beancounter> {
         // A child holds a reference on its parent, so the parent is live.
         registry()
@@ -94,6 +112,17 @@ impl Beancounter {
     /// # Errors
     /// [`BcError::InvalidLimits`] unless `barrier <= limit <= MAX`;
     /// [`BcError::UnknownResource`] for an unregistered custom resource.
+    ///
+    /// # Examples
+    /// ```
+    /// use beancounter::{BcError, BcId, Limits, Resource};
+    /// let t = beancounter::find_or_create(BcId(113)).unwrap();
+    /// t.set_limits(Resource::Threads, Limits::new(2, 3).unwrap()).unwrap();
+    /// let bad = Limits { barrier: 4, limit: 3 };
+    /// assert!(matches!(t.set_limits(Resource::Threads, bad), Err(BcError::InvalidLimits { .. })));
+    /// let s = t.stat(Resource::Threads); // the error changed nothing
+    /// assert_eq!((s.barrier, s.limit), (2, 3));
+    /// ```
     pub fn set_limits(&self, r: Resource, l: Limits) -> Result<(), BcError> {
         let reg = registry();
         reg.set_limits(self.index, reg.resource_index(r)?, l)?;
@@ -104,6 +133,17 @@ impl Beancounter {
 
     /// Reads one resource. An unregistered custom resource reads as all zeros (use
     /// [`stat`](crate::stat) to get an error instead).
+    ///
+    /// # Examples
+    /// ```
+    /// use beancounter::{BcId, Resource, ResourceStat, Severity};
+    /// let t = beancounter::find_or_create(BcId(114)).unwrap();
+    /// let _c = t.charge(Resource::Threads, 2, Severity::Limit).unwrap();
+    /// let s = t.stat(Resource::Threads);
+    /// assert_eq!((s.held, s.maxheld, s.failcnt), (2, 2, 0));
+    /// // A custom resource nobody registered:
+    /// assert_eq!(t.stat(Resource::Custom(15)), ResourceStat::default());
+    /// ```
     pub fn stat(&self, r: Resource) -> ResourceStat {
         let reg = registry();
         match reg.resource_index(r) {
@@ -117,11 +157,36 @@ impl Beancounter {
     ///
     /// # Errors
     /// As [`checkpoint`](crate::checkpoint).
+    ///
+    /// # Examples
+    /// ```
+    /// use beancounter::{BcId, Limits, Resource, Severity};
+    /// let user = beancounter::find_or_create(BcId(115)).unwrap();
+    /// let query = user.new_child(BcId(116)).unwrap();
+    /// user.set_limits(Resource::Threads, Limits::new(1, 5).unwrap()).unwrap();
+    /// assert!(query.check_barrier().is_ok());
+    /// let _c = query.charge(Resource::Threads, 2, Severity::Limit).unwrap();
+    /// // The child is within its own bounds, but its parent is over its barrier:
+    /// let e = query.check_barrier().unwrap_err();
+    /// assert_eq!((e.id, e.held, e.bound), (BcId(115), 2, 1));
+    /// ```
     pub fn check_barrier(&self) -> Result<(), Exceeded> {
         over_barrier(self.index)
     }
 
     /// Starts a new observation window on every resource: `maxheld = minheld = held`.
+    ///
+    /// # Examples
+    /// ```
+    /// use beancounter::{BcId, Resource, Severity};
+    /// let t = beancounter::find_or_create(BcId(117)).unwrap();
+    /// let _a = t.charge(Resource::Threads, 2, Severity::Limit).unwrap();
+    /// drop(t.charge(Resource::Threads, 5, Severity::Limit).unwrap());
+    /// assert_eq!(t.stat(Resource::Threads).maxheld, 7);
+    /// t.reset_window();
+    /// let s = t.stat(Resource::Threads);
+    /// assert_eq!((s.held, s.maxheld, s.minheld), (2, 2, 2));
+    /// ```
     pub fn reset_window(&self) {
         let reg = registry();
         for ri in 0..super::types::NUM_RESOURCES {
@@ -131,6 +196,16 @@ impl Beancounter {
 
     /// How many uncharges of `r` gave back more than was held (a bug in the caller; the
     /// counter was clamped at zero).
+    ///
+    /// # Examples
+    /// ```
+    /// use beancounter::{BcId, Resource, Severity};
+    /// let t = beancounter::find_or_create(BcId(118)).unwrap();
+    /// drop(t.charge(Resource::Threads, 4, Severity::Limit).unwrap());
+    /// // A `Charge` gives back exactly what it took: nothing to warn about.
+    /// assert_eq!(t.uncharge_warnings(Resource::Threads), 0);
+    /// assert_eq!(t.stat(Resource::Threads).held, 0);
+    /// ```
     pub fn uncharge_warnings(&self, r: Resource) -> u64 {
         self.events(r).uncharge_warnings
     }
@@ -216,6 +291,17 @@ impl fmt::Debug for Beancounter {
 
 /// An explicit charge, uncharged when dropped. This is how a host counts sockets, files or
 /// connections per tenant (see [`Beancounter::charge`]).
+///
+/// # Examples
+/// ```
+/// use beancounter::{BcId, Resource, Severity};
+/// let t = beancounter::find_or_create(BcId(119)).unwrap();
+/// let c = t.charge(Resource::Threads, 1, Severity::Limit).unwrap();
+/// drop(t); // the charge keeps the beancounter alive...
+/// assert_eq!(beancounter::stat(BcId(119), Resource::Threads).unwrap().held, 1);
+/// drop(c); // ...until it is given back
+/// assert!(beancounter::lookup(BcId(119)).is_none());
+/// ```
 #[must_use = "dropping a Charge uncharges it at once"]
 pub struct Charge {
     bc: Beancounter,
@@ -226,16 +312,44 @@ pub struct Charge {
 
 impl Charge {
     /// The beancounter charged.
+    ///
+    /// # Examples
+    /// ```
+    /// use beancounter::{BcId, Resource, Severity};
+    /// let user = beancounter::find_or_create(BcId(120)).unwrap();
+    /// let query = user.new_child(BcId(121)).unwrap();
+    /// let c = query.charge(Resource::Threads, 1, Severity::Limit).unwrap();
+    /// assert_eq!(c.beancounter(), &query); // the one charged, not its ancestors
+    /// assert_eq!(user.stat(Resource::Threads).held, 1); // though they are charged too
+    /// ```
     pub fn beancounter(&self) -> &Beancounter {
         &self.bc
     }
 
     /// The resource charged.
+    ///
+    /// # Examples
+    /// ```
+    /// use beancounter::{BcId, Severity};
+    /// let files = beancounter::register_resource("files").unwrap();
+    /// let t = beancounter::find_or_create(BcId(122)).unwrap();
+    /// let c = t.charge(files, 1, Severity::Limit).unwrap();
+    /// assert_eq!(c.resource(), files);
+    /// ```
     pub fn resource(&self) -> Resource {
         self.resource
     }
 
     /// The amount charged.
+    ///
+    /// # Examples
+    /// ```
+    /// use beancounter::{BcId, Resource, Severity};
+    /// let t = beancounter::find_or_create(BcId(123)).unwrap();
+    /// let c = t.charge(Resource::Threads, 3, Severity::Limit).unwrap();
+    /// assert_eq!(c.amount(), 3);
+    /// assert_eq!(t.stat(Resource::Threads).held, c.amount());
+    /// ```
     pub fn amount(&self) -> u64 {
         self.amount
     }
@@ -290,6 +404,15 @@ pub fn lookup(id: BcId) -> Option<Beancounter> {
 }
 
 /// The root beancounter (id 0): unlimited by default, charged for host work.
+///
+/// # Examples
+/// ```
+/// use beancounter::{BcId, Resource, MAX};
+/// let root = beancounter::root();
+/// assert_eq!(root.id(), BcId::ROOT);
+/// assert_eq!(root.stat(Resource::Memory).limit, MAX); // unlimited by default
+/// assert_eq!(beancounter::current(), root); // where threads start
+/// ```
 pub fn root() -> Beancounter {
     Beancounter::from_owned_index(ROOT)
 }
@@ -324,6 +447,17 @@ pub fn set_limits(id: BcId, r: Resource, l: Limits) -> Result<(), BcError> {
 /// # Errors
 /// [`BcError::NotFound`] for an unknown id, [`BcError::UnknownResource`] for an
 /// unregistered custom resource.
+///
+/// # Examples
+/// ```
+/// use beancounter::{BcError, BcId, Resource, Severity};
+/// let t = beancounter::find_or_create(BcId(124)).unwrap();
+/// let _c = t.charge(Resource::Threads, 2, Severity::Limit).unwrap();
+/// assert_eq!(beancounter::stat(BcId(124), Resource::Threads).unwrap().held, 2);
+/// assert_eq!(beancounter::stat(BcId(125), Resource::Threads), Err(BcError::NotFound(BcId(125))));
+/// let unknown = beancounter::stat(BcId(124), Resource::Custom(15));
+/// assert_eq!(unknown, Err(BcError::UnknownResource(Resource::Custom(15))));
+/// ```
 pub fn stat(id: BcId, r: Resource) -> Result<ResourceStat, BcError> {
     let reg = registry();
     let ri = reg.resource_index(r)?;
@@ -403,6 +537,17 @@ pub(crate) fn over_barrier(index: u32) -> Result<(), Exceeded> {
 ///
 /// # Errors
 /// [`BcError::InvalidLimits`], [`BcError::UnknownResource`].
+///
+/// # Examples
+/// ```
+/// use beancounter::{BcId, Limits, Resource, MAX};
+/// let old = beancounter::find_or_create(BcId(126)).unwrap();
+/// beancounter::set_default_limits(Resource::Threads, Limits::new(8, 16).unwrap()).unwrap();
+/// let new = beancounter::find_or_create(BcId(127)).unwrap();
+/// assert_eq!(new.stat(Resource::Threads).limit, 16);
+/// assert_eq!(old.stat(Resource::Threads).limit, MAX); // existing ones keep theirs
+/// assert_eq!(beancounter::root().stat(Resource::Threads).limit, MAX);
+/// ```
 pub fn set_default_limits(r: Resource, l: Limits) -> Result<(), BcError> {
     let reg = registry();
     reg.set_default_limits(reg.resource_index(r)?, l)
@@ -412,6 +557,16 @@ pub fn set_default_limits(r: Resource, l: Limits) -> Result<(), BcError> {
 ///
 /// # Errors
 /// [`BcError::UnknownResource`].
+///
+/// # Examples
+/// ```
+/// use beancounter::{Limits, Resource};
+/// assert_eq!(beancounter::default_limits(Resource::Memory).unwrap(), Limits::UNLIMITED);
+/// let small = Limits::new(4 << 20, 8 << 20).unwrap();
+/// beancounter::set_default_limits(Resource::Memory, small).unwrap();
+/// assert_eq!(beancounter::default_limits(Resource::Memory).unwrap(), small);
+/// assert!(beancounter::default_limits(Resource::Custom(15)).is_err()); // not registered
+/// ```
 pub fn default_limits(r: Resource) -> Result<Limits, BcError> {
     let reg = registry();
     Ok(reg.default_limits(reg.resource_index(r)?))
@@ -440,6 +595,24 @@ pub fn register_resource(name: &'static str) -> Result<Resource, BcError> {
 /// A beancounter whose last handle is dropped while objects are still charged to it stays
 /// (so a later [`find_or_create`] of its id finds the same counters) until this runs, or
 /// until a creation finds the table full, which runs it too.
+///
+/// # Examples
+/// ```
+/// #[global_allocator]
+/// static A: beancounter::BeanAlloc = beancounter::BeanAlloc::new();
+/// # fn main() {
+/// use beancounter::BcId;
+/// let t = beancounter::find_or_create(BcId(128)).unwrap();
+/// let g = t.enter();
+/// let block = vec![0u8; 1 << 20]; // charged to tenant 128
+/// drop(g);
+/// drop(t); // no handle left, but the block is still charged...
+/// assert!(beancounter::lookup(BcId(128)).is_some()); // ...so the beancounter stays
+/// drop(block);
+/// assert_eq!(beancounter::reap(), 1);
+/// assert!(beancounter::lookup(BcId(128)).is_none());
+/// # }
+/// ```
 pub fn reap() -> u32 {
     registry().reap()
 }
@@ -447,6 +620,14 @@ pub fn reap() -> u32 {
 /// Slots in the beancounter table, root included: [`DEFAULT_CAPACITY`](crate::DEFAULT_CAPACITY)
 /// unless `BEANCOUNTER_CAPACITY` (read once, when the first tenant is created) says
 /// otherwise; 0 until the first tenant is created.
+///
+/// # Examples
+/// ```
+/// assert_eq!(beancounter::capacity(), 0); // no table before the first tenant
+/// std::env::set_var("BEANCOUNTER_CAPACITY", "1000"); // read when the first one is created
+/// let _t = beancounter::find_or_create(beancounter::BcId(129)).unwrap();
+/// assert_eq!(beancounter::capacity(), 1000);
+/// ```
 pub fn capacity() -> u32 {
     registry().capacity()
 }
@@ -481,6 +662,16 @@ pub(crate) fn resources() -> impl Iterator<Item = Resource> {
 }
 
 /// Live beancounters besides the root.
+///
+/// # Examples
+/// ```
+/// use beancounter::BcId;
+/// let before = beancounter::live_count();
+/// let t = beancounter::find_or_create(BcId(130)).unwrap();
+/// assert_eq!(beancounter::live_count(), before + 1);
+/// drop(t); // the last handle, and nothing charged: freed
+/// assert_eq!(beancounter::live_count(), before);
+/// ```
 pub fn live_count() -> u32 {
     registry().live()
 }
@@ -491,6 +682,15 @@ pub fn live_count() -> u32 {
 ///
 /// # Errors
 /// A description of the first invariant found broken.
+///
+/// # Examples
+/// ```
+/// use beancounter::{BcId, Resource, Severity};
+/// let user = beancounter::find_or_create(BcId(131)).unwrap();
+/// let query = user.new_child(BcId(132)).unwrap();
+/// let _c = query.charge(Resource::Threads, 3, Severity::Limit).unwrap();
+/// assert_eq!(beancounter::check_invariants(), Ok(()));
+/// ```
 pub fn check_invariants() -> Result<(), &'static str> {
     registry().check_invariants()
 }
@@ -498,6 +698,15 @@ pub fn check_invariants() -> Result<(), &'static str> {
 impl Resource {
     /// The name: `memory`, `allocations`, `threads`, or a registered custom name (`None`
     /// for an unregistered custom resource).
+    ///
+    /// # Examples
+    /// ```
+    /// use beancounter::Resource;
+    /// assert_eq!(Resource::Memory.name(), Some("memory"));
+    /// let files = beancounter::register_resource("open_files").unwrap();
+    /// assert_eq!(files.name(), Some("open_files"));
+    /// assert_eq!(Resource::Custom(15).name(), None); // never registered
+    /// ```
     pub fn name(self) -> Option<&'static str> {
         registry().resource_name(self)
     }

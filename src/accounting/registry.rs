@@ -43,9 +43,26 @@ pub(crate) const ROOT: u32 = 0;
 ///
 /// 65 536 slots of 2 496 bytes reserve 156 MiB of address space; only used slots are
 /// touched, so a process with 100 tenants keeps about 250 KiB resident for the table.
+///
+/// # Examples
+/// ```
+/// std::env::remove_var("BEANCOUNTER_CAPACITY");
+/// let _t = beancounter::find_or_create(beancounter::BcId(140)).unwrap();
+/// assert_eq!(beancounter::capacity(), beancounter::DEFAULT_CAPACITY);
+/// ```
 pub const DEFAULT_CAPACITY: u32 = 65_536;
 
-/// Largest accepted capacity (2^24 slots, 20 GiB of address space).
+/// Largest accepted capacity (2^24 slots of 2 496 bytes: about 39 GiB of address space, plus
+/// 256 MiB for the id map; only used slots are touched).
+///
+/// # Examples
+/// ```
+/// use beancounter::{DEFAULT_CAPACITY, MAX_CAPACITY};
+/// // A larger setting is ignored: the table gets the default.
+/// std::env::set_var("BEANCOUNTER_CAPACITY", (MAX_CAPACITY + 1).to_string());
+/// let _t = beancounter::find_or_create(beancounter::BcId(141)).unwrap();
+/// assert_eq!(beancounter::capacity(), DEFAULT_CAPACITY);
+/// ```
 pub const MAX_CAPACITY: u32 = 1 << 24;
 
 const NO_PARENT: u32 = u32::MAX;

@@ -35,6 +35,19 @@ where
 
 /// Thread factory mirroring [`std::thread::Builder`], whose threads start in the spawning
 /// thread's fork beancounter.
+///
+/// # Examples
+/// ```
+/// use beancounter::BcId;
+/// let t = beancounter::find_or_create(BcId(31)).unwrap();
+/// let _g = t.enter();
+/// let h = beancounter::thread::Builder::new()
+///     .name("worker".to_string())
+///     .spawn(beancounter::current_id)
+///     .unwrap();
+/// assert_eq!(h.thread().name(), Some("worker"));
+/// assert_eq!(h.join().unwrap(), BcId(31));
+/// ```
 #[derive(Debug)]
 pub struct Builder {
     inner: std::thread::Builder,
@@ -42,6 +55,14 @@ pub struct Builder {
 
 impl Builder {
     /// A builder with std's defaults.
+    ///
+    /// # Examples
+    /// ```
+    /// use beancounter::{thread::Builder, BcId};
+    /// // Outside any tenant, the fork beancounter is the root:
+    /// let h = Builder::new().spawn(beancounter::current_id).unwrap();
+    /// assert_eq!(h.join().unwrap(), BcId::ROOT);
+    /// ```
     pub fn new() -> Builder {
         Builder {
             inner: std::thread::Builder::new(),
@@ -49,6 +70,15 @@ impl Builder {
     }
 
     /// Names the thread.
+    ///
+    /// # Examples
+    /// ```
+    /// let h = beancounter::thread::Builder::new()
+    ///     .name("tenant-7".to_string())
+    ///     .spawn(|| std::thread::current().name().map(str::to_owned))
+    ///     .unwrap();
+    /// assert_eq!(h.join().unwrap().as_deref(), Some("tenant-7"));
+    /// ```
     pub fn name(self, name: String) -> Builder {
         Builder {
             inner: self.inner.name(name),
@@ -56,6 +86,15 @@ impl Builder {
     }
 
     /// Sets the stack size in bytes.
+    ///
+    /// # Examples
+    /// ```
+    /// let h = beancounter::thread::Builder::new()
+    ///     .stack_size(256 << 10)
+    ///     .spawn(|| [7u8; 16 << 10].iter().map(|&b| b as u32).sum::<u32>()) // 16 KiB on the stack
+    ///     .unwrap();
+    /// assert_eq!(h.join().unwrap(), 7 * (16 << 10));
+    /// ```
     pub fn stack_size(self, size: usize) -> Builder {
         Builder {
             inner: self.inner.stack_size(size),
@@ -66,6 +105,22 @@ impl Builder {
     ///
     /// # Errors
     /// As [`spawn`].
+    ///
+    /// # Examples
+    /// ```
+    /// use beancounter::{thread::Builder, BcId, Limits, Resource};
+    /// let t = beancounter::find_or_create(BcId(34)).unwrap();
+    /// t.set_limits(Resource::Threads, Limits::new(1, 1).unwrap()).unwrap();
+    /// let _g = t.enter();
+    /// let (tx, rx) = std::sync::mpsc::channel::<()>();
+    /// let first = Builder::new().spawn(move || drop(rx.recv())).unwrap();
+    /// assert_eq!(t.stat(Resource::Threads).held, 1); // counted while it runs
+    /// let second = Builder::new().spawn(|| ()).unwrap_err();
+    /// assert_eq!(second.kind(), std::io::ErrorKind::QuotaExceeded);
+    /// drop(tx);
+    /// first.join().unwrap();
+    /// assert_eq!(t.stat(Resource::Threads).held, 0);
+    /// ```
     pub fn spawn<F, T>(self, f: F) -> io::Result<JoinHandle<T>>
     where
         F: FnOnce() -> T + Send + 'static,

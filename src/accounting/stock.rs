@@ -56,8 +56,42 @@ use crate::sync::{const_fn, fence, AtomicU32, AtomicU64, Ordering};
 /// Bytes of `Memory` a stock takes at most at once: 128 KiB, half of Linux's per-CPU memcg
 /// stock (64 pages); measured in `benches/README.md` to keep the shared counter off the
 /// small-object path.
+///
+/// # Examples
+/// ```
+/// #[global_allocator]
+/// static A: beancounter::BeanAlloc = beancounter::BeanAlloc::new();
+/// # fn main() {
+/// use beancounter::{BcId, Resource};
+/// let t = beancounter::find_or_create(BcId(150)).unwrap();
+/// let _g = t.enter();
+/// let b = Box::new(0u64);
+/// t.reset_window(); // maxheld = what is charged now, this thread's stock included
+/// let s = t.stat(Resource::Memory);
+/// assert_eq!(s.held, 8); // true usage: one 8-byte object
+/// assert!(s.maxheld <= s.held + beancounter::STOCK_BYTES);
+/// # drop(b);
+/// # }
+/// ```
 pub const STOCK_BYTES: u64 = 128 << 10;
 /// `Allocations` a stock takes at most at once: one per 512 bytes of `STOCK_BYTES`.
+///
+/// # Examples
+/// ```
+/// #[global_allocator]
+/// static A: beancounter::BeanAlloc = beancounter::BeanAlloc::new();
+/// # fn main() {
+/// use beancounter::{BcId, Resource};
+/// let t = beancounter::find_or_create(BcId(151)).unwrap();
+/// let _g = t.enter();
+/// let b = Box::new(0u64);
+/// t.reset_window(); // maxheld = what is charged now, this thread's stock included
+/// let s = t.stat(Resource::Allocations);
+/// assert_eq!(s.held, 1); // true usage: one object
+/// assert!(s.maxheld <= s.held + beancounter::STOCK_OBJECTS);
+/// # drop(b);
+/// # }
+/// ```
 pub const STOCK_OBJECTS: u64 = 256;
 
 /// Slot index meaning "no beancounter"; also the end of the table's free list.

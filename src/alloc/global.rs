@@ -80,6 +80,23 @@ pub struct BeanAlloc {
 
 impl BeanAlloc {
     /// The allocator; every instance shares the same process-wide state.
+    ///
+    /// # Examples
+    /// ```
+    /// use std::alloc::{GlobalAlloc, Layout};
+    /// // `const`: it can initialise the `static` that `#[global_allocator]` needs.
+    /// #[global_allocator]
+    /// static ALLOC: beancounter::BeanAlloc = beancounter::BeanAlloc::new();
+    /// # fn main() {
+    /// let other = beancounter::BeanAlloc::new(); // the same process-wide allocator
+    /// let layout = Layout::new::<u64>();
+    /// // SAFETY: a non-zero size.
+    /// let p = unsafe { other.alloc(layout) };
+    /// assert!(!p.is_null());
+    /// // SAFETY: a live block of this allocator, freed once, with its layout.
+    /// unsafe { ALLOC.dealloc(p, layout) }; // either instance can free it
+    /// # }
+    /// ```
     pub const fn new() -> BeanAlloc {
         BeanAlloc { _private: () }
     }
@@ -428,27 +445,83 @@ unsafe fn unlock_all(child: bool) {
 
 /// Bytes the allocator has mapped for blocks (segments and huge mappings; the registry and
 /// stock tables excluded).
+///
+/// # Examples
+/// ```
+/// #[global_allocator]
+/// static A: beancounter::BeanAlloc = beancounter::BeanAlloc::new();
+/// # fn main() {
+/// let before = beancounter::mapped_bytes();
+/// let big = vec![0u8; 8 << 20]; // over 2 MiB: a mapping of its own
+/// assert!(beancounter::mapped_bytes() >= before + (8 << 20));
+/// drop(big);
+/// assert_eq!(beancounter::mapped_bytes(), before); // unmapped when freed
+/// # }
+/// ```
 pub fn mapped_bytes() -> usize {
     run::mapped_bytes()
 }
 
 /// Checks the current thread's heap (every slab's free list against its counts) and the
-/// registry. Meaningful when no other thread frees into this thread's slabs; for tests.
+/// page-run free lists of every segment ([`check_invariants`](crate::check_invariants)
+/// checks the beancounter table). Meaningful when no other thread frees into this thread's slabs; for tests.
 ///
 /// # Errors
 /// A description of the first invariant found broken.
+///
+/// # Examples
+/// ```
+/// #[global_allocator]
+/// static A: beancounter::BeanAlloc = beancounter::BeanAlloc::new();
+/// # fn main() {
+/// let boxes: Vec<Box<u32>> = (0..100).map(Box::new).collect();
+/// drop(boxes);
+/// assert_eq!(beancounter::check_heap(), Ok(()));
+/// # }
+/// ```
 pub fn check_heap() -> Result<(), &'static str> {
     thread_cache::check_current()?;
     run::check_invariants()
 }
 
-/// The OS refuses the next `n` mappings (test-only fault injection).
+/// The OS refuses the next `n` mappings and remappings (test-only fault injection). The
+/// count replaces any pending one rather than adding to it; `0` switches it off.
+///
+/// # Examples
+/// ```
+/// #[global_allocator]
+/// static A: beancounter::BeanAlloc = beancounter::BeanAlloc::new();
+/// # fn main() {
+/// let mut v: Vec<u8> = Vec::new();
+/// beancounter::fail_next_os_maps(1);
+/// // 8 MiB needs a mapping of its own; the OS refuses it: an error, not a crash.
+/// assert!(v.try_reserve(8 << 20).is_err());
+/// assert!(v.try_reserve(8 << 20).is_ok()); // only the next one failed
+/// # }
+/// ```
 #[doc(hidden)]
 pub fn fail_next_os_maps(n: u32) {
     crate::os::failpoint::fail_next_maps(n);
 }
 
 /// Gives this thread's stock back to its beancounter, so that `held` equals true usage.
+///
+/// # Examples
+/// ```
+/// #[global_allocator]
+/// static A: beancounter::BeanAlloc = beancounter::BeanAlloc::new();
+/// # fn main() {
+/// use beancounter::{BcId, Resource};
+/// let t = beancounter::find_or_create(BcId(61)).unwrap();
+/// let _g = t.enter();
+/// let b = Box::new([0u8; 100]);
+/// beancounter::drain_stock();
+/// t.reset_window(); // maxheld = what the counter holds now
+/// let s = t.stat(Resource::Memory);
+/// assert_eq!(s.maxheld, s.held); // no stock left: the counter is true usage
+/// # drop(b);
+/// # }
+/// ```
 pub fn drain_stock() {
     stock::drain_current();
 }
@@ -486,6 +559,17 @@ pub struct BcAllocator {
 #[cfg(feature = "allocator-api2")]
 impl crate::Beancounter {
     /// An allocator handle that charges this beancounter; see [`BcAllocator`].
+    ///
+    /// # Examples
+    /// ```
+    /// use beancounter::{BcId, Resource};
+    /// let t = beancounter::find_or_create(BcId(62)).unwrap();
+    /// let mut map = hashbrown::HashMap::new_in(t.allocator());
+    /// map.insert(1u64, [0u8; 1000]); // charged to `t`, whichever tenant the thread is in
+    /// assert!(t.stat(Resource::Memory).held >= 1000);
+    /// drop(map);
+    /// assert_eq!(t.stat(Resource::Memory).held, 0);
+    /// ```
     pub fn allocator(&self) -> BcAllocator {
         BcAllocator { bc: self.clone() }
     }
