@@ -1128,3 +1128,28 @@ fn reset_window_racing_refused_charges_keeps_maxheld_within_the_limit() {
         );
     }
 }
+
+/// Errors read as what happened: a refused charge names the request, a checkpoint report
+/// (nothing requested) says the tenant is over its barrier, not that 0 was refused.
+#[test]
+fn exceeded_reads_as_what_happened() {
+    let t = bc(4401);
+    let r = Resource::Threads;
+    t.set_limits(r, lim(1, 3)).unwrap();
+    let _g = t.enter();
+    let held = t.charge(r, 2, Severity::Limit).unwrap();
+    let refused = match t.charge(r, 2, Severity::Limit) {
+        Err(BcError::Exceeded(e)) => e,
+        other => panic!("expected a refusal, got {other:?}"),
+    };
+    assert_eq!(
+        refused.to_string(),
+        "beancounter 4401 refused 2 threads: held 2 + 2 > limit 3"
+    );
+    let over = beancounter::checkpoint().unwrap_err();
+    assert_eq!(
+        over.to_string(),
+        "beancounter 4401 is over its threads barrier: held 2 > barrier 1"
+    );
+    drop(held);
+}

@@ -723,7 +723,17 @@ impl fmt::Display for Resource {
 }
 
 impl fmt::Display for Exceeded {
+    /// A refused charge reads `beancounter 3 refused 64 memory: held 100 + 64 > limit 128`;
+    /// the report of [`checkpoint`] or a guarded future (nothing requested, nothing
+    /// refused) reads `beancounter 3 is over its memory barrier: held 200 > barrier 128`.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.requested == 0 {
+            return write!(
+                f,
+                "beancounter {} is over its {} {}: held {} > {} {}",
+                self.id, self.resource, self.severity, self.held, self.severity, self.bound
+            );
+        }
         write!(
             f,
             "beancounter {} refused {} {}: held {} + {} > {} {}",
