@@ -187,7 +187,7 @@ impl StockSlot {
     /// Owner: puts back what a freed object of `bc` was charged: into the stock if it
     /// holds `bc`, else onto the debt owed to `bc` (if the debt is owed to `bc` or to no
     /// one), so that freeing another tenant's objects (a consumer thread, a remote free)
-    /// does not touch that tenant's counters each time either.
+    /// does not touch that tenant's counters each time either. Calls nothing.
     #[inline]
     pub(crate) fn try_give_back(&self, bc: u32, bytes: u64) -> GiveBack {
         self.fast(|| {
@@ -207,8 +207,9 @@ impl StockSlot {
     }
 
     /// Owner, on its fast path: adds a freed object of another beancounter to the debt, if
-    /// the debt is owed to that beancounter or to no one.
-    #[inline(never)]
+    /// the debt is owed to that beancounter or to no one. Inlined, like the rest of the fast
+    /// path: a call here would give the allocator's free path a stack frame.
+    #[inline]
     fn owe(&self, bc: u32, bytes: u64) -> GiveBack {
         let owed = self.debt_bc.load(Relaxed);
         if owed != bc && owed != NONE {
@@ -625,22 +626,23 @@ mod table {
         slot
     }
 
-    /// Charges `bytes` of `Memory` and one of `Allocations` to slot `bc` for a new object.
+    /// Charges `bytes` of `Memory` and one of `Allocations` to slot `bc` for a new object,
+    /// from this thread's stock, or returns false (then call [`charge_object_slow`]). Calls
+    /// nothing, so that the allocator's fast path needs no stack frame.
     #[inline]
-    pub(crate) fn charge_object(bc: u32, bytes: u64, severity: Severity) -> Result<(), Exceeded> {
-        if severity == Severity::Limit {
-            if let Some(s) = mine() {
-                if s.try_consume(bc, bytes) {
-                    return Ok(());
-                }
-            }
-        }
-        charge_object_slow(bc, bytes, severity)
+    pub(crate) fn try_charge_object(bc: u32, bytes: u64, severity: Severity) -> bool {
+        severity == Severity::Limit && mine().is_some_and(|s| s.try_consume(bc, bytes))
     }
 
+    /// Charges a new object when [`try_charge_object`] could not: refills the stock, or
+    /// charges directly; a refusal is counted.
     #[cold]
     #[inline(never)]
-    fn charge_object_slow(bc: u32, bytes: u64, severity: Severity) -> Result<(), Exceeded> {
+    pub(crate) fn charge_object_slow(
+        bc: u32,
+        bytes: u64,
+        severity: Severity,
+    ) -> Result<(), Exceeded> {
         let reg = registry();
         if MINE.try_with(|m| m.get()).unwrap_or(DIRECT) == UNCLAIMED {
             let s = claim();
@@ -693,14 +695,33 @@ mod table {
     /// beancounter, else to the beancounter directly.
     #[inline]
     pub(crate) fn uncharge_object(bc: u32, bytes: u64) {
-        if let Some(s) = mine() {
-            match s.try_give_back(bc, bytes) {
-                GiveBack::Done => return,
-                GiveBack::Trim => return s.trim(registry()),
-                GiveBack::NotMine => {}
-            }
+        let done = try_uncharge_object(bc, bytes);
+        if done != GiveBack::Done {
+            uncharge_object_slow(done, bc, bytes);
         }
-        super::charge_pair_undo(registry(), bc, bytes);
+    }
+
+    /// The fast path of [`uncharge_object`]: puts the charge into this thread's stock (or
+    /// its debt). Anything but `Done` must be passed to [`uncharge_object_slow`]. Calls
+    /// nothing.
+    #[inline]
+    pub(crate) fn try_uncharge_object(bc: u32, bytes: u64) -> GiveBack {
+        match mine() {
+            Some(s) => s.try_give_back(bc, bytes),
+            None => GiveBack::NotMine,
+        }
+    }
+
+    /// Finishes [`try_uncharge_object`]: trims the stock it overfilled, or uncharges
+    /// directly what it could not take.
+    #[cold]
+    #[inline(never)]
+    pub(crate) fn uncharge_object_slow(outcome: GiveBack, bc: u32, bytes: u64) {
+        match (outcome, mine()) {
+            (GiveBack::Done, _) => {}
+            (GiveBack::Trim, Some(s)) => s.trim(registry()),
+            _ => super::charge_pair_undo(registry(), bc, bytes),
+        }
     }
 
     /// Drains this thread's stock.

@@ -8,7 +8,7 @@
 //! ```text
 //! alloc(layout)                          size ≤ 32 KiB and align ≤ 4 KiB: a slab object
 //! ├─ context::exec_index()               TLS read: the exec beancounter's slot index
-//! ├─ stock::charge_object(bc, class size)
+//! ├─ stock::try_charge_object(bc, class size) → no stock yet: charge_object_slow
 //! │  └─ (no stock yet) claim a stock slot, charge size + one batch to bc and its ancestors
 //! ├─ thread_cache::alloc(class)          TLS heap is the static empty heap: its bin's
 //! │  │                                   current slab is the static empty slab → pop fails
@@ -28,7 +28,7 @@
 //! dealloc(p, layout)                     on another thread
 //! ├─ page_map: mask p to its segment → page → run → slab at the run's end
 //! ├─ tag = slab.tag(p)                   whoever was charged, whatever thread allocated
-//! ├─ stock::uncharge_object(tag, size)   into this thread's stock if it stocks `tag`,
+//! ├─ stock::try_uncharge_object(tag, size) into this thread's stock if it stocks `tag`,
 //! │                                      else straight to the beancounter
 //! └─ thread_cache::free(slab, p)         slab.owner ≠ this heap → one CAS onto the slab's
 //!                                        remote list; if the owner had parked the slab as
@@ -52,7 +52,9 @@
 use super::page_map::{self, Owner};
 use super::run::{self, Kind, LARGE_MAX, MAX_ALIGN};
 use super::size_class::{self, CLASSES};
+use super::slab::Slab;
 use super::thread_cache::{self, AllocError};
+use crate::accounting::stock::GiveBack;
 use crate::accounting::types::{Resource, Severity};
 use crate::accounting::{context, handle, stock};
 use crate::os::PAGE;
@@ -143,40 +145,70 @@ fn allocate_for(bc: u32, severity: Severity, layout: Layout, zero: bool) -> *mut
     }
 }
 
+/// The fast path of a slab object: stock subtract, slab pop, tag store. Everything that
+/// can call out is a tail call to a cold function, so the fast path keeps nothing live
+/// across a call and needs no stack frame.
 #[inline]
 fn alloc_small(bc: u32, severity: Severity, class: usize, zero: bool) -> *mut u8 {
-    let bytes = CLASSES[class].size as usize;
-    if stock::charge_object(bc, bytes as u64, severity).is_err() {
+    let bytes = CLASSES[class].size as u64;
+    if !stock::try_charge_object(bc, bytes, severity) {
+        return alloc_small_charge_slow(bc, severity, class, zero);
+    }
+    alloc_small_charged(bc, class, zero)
+}
+
+/// A slab object whose charge is taken.
+#[inline]
+fn alloc_small_charged(bc: u32, class: usize, zero: bool) -> *mut u8 {
+    match thread_cache::try_alloc(class) {
+        Some((p, slab, zeroed)) => {
+            slab.set_tag(p.as_ptr(), bc);
+            if zero && !zeroed {
+                return zero_object(p.as_ptr(), class);
+            }
+            p.as_ptr()
+        }
+        None => alloc_small_refill(bc, class, zero),
+    }
+}
+
+/// No stock for `bc` on this thread: refill it, or charge directly.
+#[cold]
+#[inline(never)]
+fn alloc_small_charge_slow(bc: u32, severity: Severity, class: usize, zero: bool) -> *mut u8 {
+    if stock::charge_object_slow(bc, CLASSES[class].size as u64, severity).is_err() {
         return ptr::null_mut();
     }
-    let (p, slab, zeroed) = match thread_cache::alloc(class) {
-        Ok(got) => got,
-        Err(e) => match alloc_small_slow(class, e) {
-            Some(got) => got,
-            None => {
-                stock::uncharge_object(bc, bytes as u64);
-                return ptr::null_mut();
-            }
-        },
+    alloc_small_charged(bc, class, zero)
+}
+
+/// The thread's bin is out of objects (or the thread has no heap yet); the charge is taken
+/// and given back if no object can be had.
+#[cold]
+#[inline(never)]
+fn alloc_small_refill(bc: u32, class: usize, zero: bool) -> *mut u8 {
+    let got = match thread_cache::alloc(class) {
+        Ok(got) => Some(got),
+        Err(AllocError::Uninit) if start_thread() => thread_cache::alloc(class).ok(),
+        Err(_) => None,
+    };
+    let Some((p, slab, zeroed)) = got else {
+        stock::uncharge_object(bc, CLASSES[class].size as u64);
+        return ptr::null_mut();
     };
     slab.set_tag(p.as_ptr(), bc);
     if zero && !zeroed {
-        // SAFETY: `p` is a fresh object of `bytes` bytes.
-        unsafe { ptr::write_bytes(p.as_ptr(), 0, bytes) };
+        return zero_object(p.as_ptr(), class);
     }
     p.as_ptr()
 }
 
-#[cold]
+/// Zeroes a slab object of `class` that is not known to be fresh, and returns it.
 #[inline(never)]
-fn alloc_small_slow(
-    class: usize,
-    e: AllocError,
-) -> Option<(ptr::NonNull<u8>, &'static super::slab::Slab, bool)> {
-    match e {
-        AllocError::Uninit if start_thread() => thread_cache::alloc(class).ok(),
-        _ => None,
-    }
+fn zero_object(p: *mut u8, class: usize) -> *mut u8 {
+    // SAFETY: `p` is an object of `class`, just allocated: `CLASSES[class].size` bytes.
+    unsafe { ptr::write_bytes(p, 0, CLASSES[class].size as usize) };
+    p
 }
 
 /// Largest request served: 128 TiB minus what a huge block adds (head and alignment).
@@ -235,12 +267,35 @@ unsafe fn deallocate(ptr: *mut u8, layout: Layout) {
     // Sized free: the layout says whether this is a slab object, without reading the run.
     if size_class::class_for(layout.size(), layout.align()).is_some() {
         let slab = page_map::slab_of(ptr);
-        stock::uncharge_object(slab.tag(ptr), slab.size() as u64);
+        let (bc, bytes) = (slab.tag(ptr), slab.size() as u64);
+        let outcome = stock::try_uncharge_object(bc, bytes);
+        if outcome != GiveBack::Done {
+            // SAFETY: as for this function.
+            return unsafe { free_small_slow(outcome, bc, bytes, slab, ptr) };
+        }
         // SAFETY: `ptr` is a live object of `slab`, given up by the caller.
-        unsafe { thread_cache::free(slab, ptr) };
-        return;
+        return unsafe { thread_cache::free(slab, ptr) };
     }
     free_big(ptr);
+}
+
+/// A slab object whose charge the stock could not take in full: finish the uncharge, then
+/// free.
+///
+/// # Safety
+/// `ptr` is a live object of `slab`, given up by the caller.
+#[cold]
+#[inline(never)]
+unsafe fn free_small_slow(
+    outcome: GiveBack,
+    bc: u32,
+    bytes: u64,
+    slab: &'static Slab,
+    ptr: *mut u8,
+) {
+    stock::uncharge_object_slow(outcome, bc, bytes);
+    // SAFETY: as for this function.
+    unsafe { thread_cache::free(slab, ptr) }
 }
 
 #[cold]

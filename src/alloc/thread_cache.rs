@@ -346,14 +346,20 @@ pub(crate) enum AllocError {
 /// An object of `class` for the current thread, its slab, and whether it reads as zero.
 #[inline]
 pub(crate) fn alloc(class: usize) -> Result<(NonNull<u8>, &'static Slab, bool), AllocError> {
-    let heap = current();
-    let s = heap.bins[class].cur.get();
+    match try_alloc(class) {
+        Some(got) => Ok(got),
+        None => alloc_slow(current(), class),
+    }
+}
+
+/// The fast path of [`alloc`]: an object from the current slab of `class`, if it has one.
+/// Calls nothing.
+#[inline]
+pub(crate) fn try_alloc(class: usize) -> Option<(NonNull<u8>, &'static Slab, bool)> {
+    let s = current().bins[class].cur.get();
     // SAFETY: `cur` is `slab::EMPTY` or a live slab owned by this thread's heap.
     let s: &'static Slab = unsafe { &*s };
-    match s.pop() {
-        Some((p, zeroed)) => Ok((p, s, zeroed)),
-        None => alloc_slow(heap, class),
-    }
+    s.pop().map(|(p, zeroed)| (p, s, zeroed))
 }
 
 #[cold]
