@@ -175,6 +175,66 @@ fn limit_change_reclaims_stocks() {
     }
 }
 
+/// Stocks in other subtrees count against a shared ancestor too: a child's charge first
+/// refused at the child (its own stocks) and then, after those were taken back, at the
+/// parent (whose headroom the siblings' stocks hold) must reclaim at the parent as well,
+/// and be granted, when true usage leaves room at every level.
+fn siblings_stocks_do_not_cause_a_refusal_at_the_parent() {
+    const SIBLINGS: u32 = 8;
+    let parent = tenant(200, 1536 << 10, 1536 << 10);
+    let child = parent.new_child(BcId(201)).unwrap();
+    child
+        .set_limits(Resource::Memory, Limits::new(MIB, MIB).unwrap())
+        .unwrap();
+    let mut holders: Vec<_> = (0..SIBLINGS)
+        .map(|i| parent.new_child(BcId(210 + i)).unwrap())
+        .collect();
+    holders.push(child.clone());
+    let hold = Arc::new(Barrier::new(holders.len() + 1));
+    let release = Arc::new(Barrier::new(holders.len() + 1));
+    let workers: Vec<_> = holders
+        .into_iter()
+        .map(|t| {
+            let (hold, release) = (hold.clone(), release.clone());
+            std::thread::spawn(move || {
+                let g = t.enter();
+                let b = Box::new([0u8; 16]); // takes a stock of `t`, charged to the parent too
+                drop(g);
+                hold.wait();
+                release.wait();
+                drop(b);
+            })
+        })
+        .collect();
+    hold.wait();
+    // Every other thread waits: no stock can be taken again meanwhile.
+    let (c, p) = (child.stat(Resource::Memory), parent.stat(Resource::Memory));
+    let stocked = raw_held(&parent) - p.held;
+    assert!(
+        stocked > 512 << 10,
+        "the siblings' stocks must crowd the parent: {stocked}"
+    );
+    let room = (c.limit - c.held).min(p.limit - p.held) / 4096 * 4096;
+    let layout = Layout::from_size_align(room as usize, 4096).unwrap();
+    let block = {
+        let _g = child.enter();
+        // SAFETY: a non-zero-size layout.
+        unsafe { ALLOC.alloc(layout) }
+    };
+    assert!(
+        !block.is_null(),
+        "refused although only stocks were in the way"
+    );
+    assert_eq!(child.stat(Resource::Memory).failcnt, 0);
+    assert_eq!(parent.stat(Resource::Memory).failcnt, 0);
+    // SAFETY: allocated above with `layout`.
+    unsafe { ALLOC.dealloc(block, layout) };
+    release.wait();
+    for w in workers {
+        w.join().unwrap();
+    }
+}
+
 fn main() {
     let mut r = Runner::new();
     r.check(
@@ -190,5 +250,9 @@ fn main() {
         forced_never_fails_and_is_counted,
     );
     r.check("limit_change_reclaims_stocks", limit_change_reclaims_stocks);
+    r.check(
+        "siblings_stocks_do_not_cause_a_refusal_at_the_parent",
+        siblings_stocks_do_not_cause_a_refusal_at_the_parent,
+    );
     r.finish();
 }

@@ -531,7 +531,7 @@ pub(crate) use table::*;
 mod table {
     use super::{membarrier, reclaim, GiveBack, StockSlot, NONE};
     use crate::accounting::handle::registry;
-    use crate::accounting::types::{Exceeded, Severity};
+    use crate::accounting::types::{Exceeded, Severity, MAX_DEPTH};
     use crate::sync::{AtomicPtr, AtomicUsize, Mutex, Ordering};
     use core::cell::Cell;
     use core::ptr;
@@ -666,11 +666,15 @@ mod table {
             .or_else(|e| reclaim_and_retry(e, bc, mem, objs, severity))
     }
 
-    /// After a tentative refusal: takes back every stock of the refusing level and retries
-    /// once; this attempt's refusal is the one that counts.
+    /// After a tentative refusal: takes back every stock of the refusing level and retries.
+    /// The retry can be refused higher up, by an ancestor whose headroom stocks in other
+    /// subtrees hold (they were not the refusing level's), so this repeats for each new
+    /// refusing level, at most once per level of the hierarchy; a level that refuses again
+    /// after its stocks were taken back refuses for real. The last attempt's refusal is the
+    /// one that counts.
     #[cold]
     fn reclaim_and_retry(
-        e: Exceeded,
+        first: Exceeded,
         bc: u32,
         mem: u64,
         objs: u64,
@@ -678,8 +682,17 @@ mod table {
     ) -> Result<(), Exceeded> {
         let reg = registry();
         if severity != Severity::Force {
-            if let Some(target) = reg.index_of(e.id, bc) {
+            let mut refused = first.id;
+            for _ in 0..=MAX_DEPTH {
+                let Some(target) = reg.index_of(refused, bc) else {
+                    break;
+                };
                 reclaim_all(target);
+                match super::charge_pair_counted(reg, bc, mem, objs, severity, false) {
+                    Ok(()) => return Ok(()),
+                    Err(e) if e.id == refused => break,
+                    Err(e) => refused = e.id,
+                }
             }
         }
         super::charge_pair(reg, bc, mem, objs, severity)
