@@ -344,8 +344,12 @@ fn thousand_threads() {
         m1 >> 20,
         r1 >> 20
     );
-    assert!(m1 <= m0 + 16 * MIB, "mapped bytes grew from {m0} to {m1}");
-    assert!(r1 <= r0 + 16 * MIB, "rss grew from {r0} to {r1}");
+    // Allowance: which abandoned heaps the next threads adopt, and so how many segments
+    // hold partly used runs, depends on scheduling (a loaded machine once showed 17 MiB
+    // more); 32 MiB is eight segments, one per thread in flight. A leak of 40 KiB per
+    // thread exceeds it; tests/short_threads.rs checks 10 000 threads more tightly.
+    assert!(m1 <= m0 + 32 * MIB, "mapped bytes grew from {m0} to {m1}");
+    assert!(r1 <= r0 + 32 * MIB, "rss grew from {r0} to {r1}");
     assert_eq!(t.stat(Resource::Threads).held, 0);
     assert_eq!(held(&t), (0, 0));
     let _: Option<Beancounter> = None;
