@@ -290,10 +290,17 @@ fn short_threads() {
         last.mapped <= early.mapped + MAPPED_SLACK,
         "mapped bytes grow: {early:?} -> {last:?}"
     );
-    assert!(
-        last.rss <= early.rss + RSS_SLACK,
-        "RSS grows: {early:?} -> {last:?}"
-    );
+    // Under AddressSanitizer (.ci/asan sets BEANCOUNTER_SANITIZER) every thread leaves
+    // ASan's own memory behind (its allocator caches, quarantine and fake stacks), which
+    // RSS counts and this crate cannot return; the crate's own pages are `mapped` above.
+    if std::env::var_os("BEANCOUNTER_SANITIZER").is_none() {
+        assert!(
+            last.rss <= early.rss + RSS_SLACK,
+            "RSS grows: {early:?} -> {last:?}"
+        );
+    } else {
+        println!("    RSS not checked under a sanitizer (it counts the sanitizer's memory)");
+    }
 
     // The last parcels, from here; then nothing is left but the parent, as it was.
     let left: Vec<Parcel> = mailbox.lock().unwrap().drain(..).collect();
