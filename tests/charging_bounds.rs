@@ -35,7 +35,7 @@ fn sixty_four_stocks_do_not_cause_a_refusal() {
             std::thread::spawn(move || {
                 let _g = t.enter();
                 // One small object: the first charge refills this thread's stock.
-                let b = Box::new([0u8; 64]);
+                let b = std::hint::black_box(Box::new([0u8; 64]));
                 hold.wait();
                 release.wait();
                 drop(b);
@@ -153,7 +153,7 @@ fn limit_change_reclaims_stocks() {
             let (t, ready, done) = (t.clone(), ready.clone(), done.clone());
             std::thread::spawn(move || {
                 let _g = t.enter();
-                let b = Box::new(1u64);
+                let b = std::hint::black_box(Box::new(1u64));
                 ready.wait();
                 done.wait();
                 drop(b);
@@ -198,7 +198,7 @@ fn siblings_stocks_do_not_cause_a_refusal_at_the_parent() {
             let (hold, release) = (hold.clone(), release.clone());
             std::thread::spawn(move || {
                 let g = t.enter();
-                let b = Box::new([0u8; 16]); // takes a stock of `t`, charged to the parent too
+                let b = std::hint::black_box(Box::new([0u8; 16])); // takes a stock of `t`, charged to the parent too
                 drop(g);
                 hold.wait();
                 release.wait();

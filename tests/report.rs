@@ -288,23 +288,31 @@ fn watcher_wait_times_out_empty_handed_for_quiet_tenants() {
 #[test]
 fn snapshots_while_other_threads_allocate() {
     let stop = Arc::new(AtomicBool::new(false));
+    let running = Arc::new(std::sync::Barrier::new(3));
     let workers: Vec<_> = (0..2)
         .map(|i| {
-            let stop = stop.clone();
+            let (stop, running) = (stop.clone(), running.clone());
             let t = tenant(9160 + i);
             std::thread::spawn(move || {
                 let _g = t.enter();
                 let mut n = 0u64;
-                while !stop.load(Ordering::Relaxed) {
+                loop {
                     let v: Vec<u64> = (0..(n % 500)).collect();
                     n += v.len() as u64 + 1;
                     // Tenants come and go while snapshots walk the table.
                     let _short = tenant(9170 + (n % 8) as u32);
+                    if n == 1 {
+                        // Snapshots start once every worker is under way.
+                        running.wait();
+                    }
+                    if stop.load(Ordering::Relaxed) {
+                        break n;
+                    }
                 }
-                n
             })
         })
         .collect();
+    running.wait();
     for _ in 0..200 {
         let snap = report::snapshot();
         assert_eq!(snap[0].id, BcId::ROOT);

@@ -291,7 +291,7 @@ fn short_threads() {
         "mapped bytes grow: {early:?} -> {last:?}"
     );
     // Under AddressSanitizer (.ci/asan sets BEANCOUNTER_SANITIZER) every thread leaves
-    // ASan's own memory behind (its allocator caches, quarantine and fake stacks), which
+    // ASan's own memory behind (batches of its malloc quarantine, measured), which
     // RSS counts and this crate cannot return; the crate's own pages are `mapped` above.
     if std::env::var_os("BEANCOUNTER_SANITIZER").is_none() {
         assert!(
