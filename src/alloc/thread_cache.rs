@@ -38,8 +38,11 @@ use core::ptr::{self, NonNull};
 struct Bin {
     /// The slab allocations come from; `slab::EMPTY` when none.
     cur: Cell<*const Slab>,
-    /// Slabs with free objects (doubly linked through `Slab::next/prev`).
+    /// Slabs with free objects, oldest first (doubly linked through `Slab::next/prev`): a
+    /// queue, so a slab that a free just took off the full list waits behind the others
+    /// and gathers more frees before it is used again.
     partial: Cell<*mut Slab>,
+    partial_tail: Cell<*mut Slab>,
     /// Empty slabs kept for the next refills (linked through `Slab::next`), so that a class
     /// whose objects come and go in waves does not take and return runs each time.
     spare: Cell<*mut Slab>,
@@ -50,6 +53,7 @@ impl Bin {
         Bin {
             cur: Cell::new(&slab::EMPTY),
             partial: Cell::new(ptr::null_mut()),
+            partial_tail: Cell::new(ptr::null_mut()),
             spare: Cell::new(ptr::null_mut()),
         }
     }
@@ -70,14 +74,17 @@ impl Bin {
         Some(s)
     }
 
+    /// Appends `s` to the partial queue.
     fn push_partial(&self, s: &Slab) {
+        let me = s as *const Slab as *mut Slab;
         s.place.set(Place::Partial);
-        s.prev.set(ptr::null_mut());
-        s.next.set(self.partial.get());
-        if let Some(head) = ptr_ref(self.partial.get()) {
-            head.prev.set(s as *const Slab as *mut Slab);
+        s.next.set(ptr::null_mut());
+        s.prev.set(self.partial_tail.get());
+        match ptr_ref(self.partial_tail.get()) {
+            Some(tail) => tail.next.set(me),
+            None => self.partial.set(me),
         }
-        self.partial.set(s as *const Slab as *mut Slab);
+        self.partial_tail.set(me);
     }
 
     fn remove_partial(&self, s: &Slab) {
@@ -86,8 +93,9 @@ impl Bin {
             Some(prev) => prev.next.set(s.next.get()),
             None => self.partial.set(s.next.get()),
         }
-        if let Some(next) = ptr_ref(s.next.get()) {
-            next.prev.set(s.prev.get());
+        match ptr_ref(s.next.get()) {
+            Some(next) => next.prev.set(s.prev.get()),
+            None => self.partial_tail.set(s.prev.get()),
         }
     }
 
