@@ -6,7 +6,7 @@
 mod common;
 
 use beancounter::{BeanAlloc, Resource, ResourceStat};
-use common::{charged_bytes, fill, held, tenant, verify, verify_prefix, Rng, Runner};
+use common::{charged_bytes, class_size, fill, held, tenant, verify, verify_prefix, Rng, Runner};
 use std::alloc::{GlobalAlloc, Layout};
 
 #[global_allocator]
@@ -166,9 +166,24 @@ fn every_method() {
                     assert!(!q.is_null(), "realloc({size}, {align}) to {to} is null");
                     assert_eq!(q as usize % align, 0, "realloc({size}, {align}) to {to}");
                     let new = Layout::from_size_align(to, align).unwrap();
+                    // A slab object shrunk by at most half stays where it is, charged for
+                    // the class it occupies; every other realloc is charged for the new size.
+                    let (old_class, new_class) = (class_size(size, align), class_size(to, align));
+                    let kept = matches!((old_class, new_class),
+                        (Some(o), Some(n)) if n < o && 2 * to >= o);
+                    assert_eq!(
+                        kept,
+                        q == p && new_class < old_class,
+                        "realloc({size}, {align}) to {to}"
+                    );
+                    let charge = if kept {
+                        charged_bytes(layout)
+                    } else {
+                        charged_bytes(new)
+                    };
                     assert_eq!(
                         mem_allocs(&t),
-                        (base.0 + charged_bytes(new), base.1 + 1),
+                        (base.0 + charge, base.1 + 1),
                         "charge after realloc({size}, {align}) to {to}"
                     );
                     assert_eq!(
@@ -250,6 +265,21 @@ fn realloc_in_place() {
         let q2 = ALLOC.realloc(q, Layout::from_size_align(110, 8).unwrap(), 97);
         assert_eq!(q2, p, "a shrink within the class moved the block");
         ALLOC.dealloc(q2, Layout::from_size_align(97, 8).unwrap());
+        assert_eq!(held(&t), base);
+
+        // Shrinking a slab object to a smaller class: in place while at least half of it
+        // stays in use (it keeps the charge of the class it occupies), moved below that.
+        let l = Layout::from_size_align(1000, 8).unwrap(); // the 1024-byte class
+        let p = ALLOC.alloc(l);
+        fill(p, 1000, 4);
+        let q = ALLOC.realloc(p, l, 600);
+        assert_eq!(q, p, "a shrink to more than half moved the block");
+        assert_eq!(held(&t), (base.0 + 1024, base.1 + 1));
+        let r = ALLOC.realloc(q, Layout::from_size_align(600, 8).unwrap(), 300);
+        assert_ne!(r, p, "a shrink to less than half stayed");
+        assert_eq!(verify_prefix(r, 1000, 300, 4), Ok(()));
+        assert_eq!(held(&t), (base.0 + 320, base.1 + 1));
+        ALLOC.dealloc(r, Layout::from_size_align(300, 8).unwrap());
         assert_eq!(held(&t), base);
 
         // A large run shrinking: the tail pages are given back in place.

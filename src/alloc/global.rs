@@ -266,17 +266,27 @@ fn uncharge(bc: u32, bytes: usize) {
 unsafe fn deallocate(ptr: *mut u8, layout: Layout) {
     // Sized free: the layout says whether this is a slab object, without reading the run.
     if size_class::class_for(layout.size(), layout.align()).is_some() {
-        let slab = page_map::slab_of(ptr);
-        let (bc, bytes) = (slab.tag(ptr), slab.size() as u64);
-        let outcome = stock::try_uncharge_object(bc, bytes);
-        if outcome != GiveBack::Done {
-            // SAFETY: as for this function.
-            return unsafe { free_small_slow(outcome, bc, bytes, slab, ptr) };
-        }
-        // SAFETY: `ptr` is a live object of `slab`, given up by the caller.
-        return unsafe { thread_cache::free(slab, ptr) };
+        // SAFETY: as for this function; the layout says it is a slab object.
+        return unsafe { free_small(page_map::slab_of(ptr), ptr) };
     }
     free_big(ptr);
+}
+
+/// Frees slab object `ptr` of `slab`: the uncharge into the stock, then the object back to
+/// its slab.
+///
+/// # Safety
+/// `ptr` is a live object of `slab`, given up by the caller.
+#[inline]
+unsafe fn free_small(slab: &'static Slab, ptr: *mut u8) {
+    let (bc, bytes) = (slab.tag(ptr), slab.size() as u64);
+    let outcome = stock::try_uncharge_object(bc, bytes);
+    if outcome != GiveBack::Done {
+        // SAFETY: as for this function.
+        return unsafe { free_small_slow(outcome, bc, bytes, slab, ptr) };
+    }
+    // SAFETY: `ptr` is a live object of `slab`, given up by the caller.
+    unsafe { thread_cache::free(slab, ptr) }
 }
 
 /// A slab object whose charge the stock could not take in full: finish the uncharge, then
@@ -310,7 +320,7 @@ fn free_big(ptr: *mut u8) {
             uncharge(head.tag.get(), head.charged.get());
             run::free_huge(head);
         }
-        Owner::Slab(_) => unreachable_slab(),
+        Owner::Slab => unreachable_slab(),
     }
 }
 
@@ -326,12 +336,11 @@ fn unreachable_slab() {
 unsafe fn reallocate(ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
     let align = layout.align();
     let bc = context::exec_index();
+    if size_class::class_for(layout.size(), align).is_some() {
+        // SAFETY: as for this function; the layout says it is a slab object.
+        return unsafe { realloc_small(page_map::slab_of(ptr), ptr, layout, new_size, bc) };
+    }
     match page_map::owner_of(ptr) {
-        Owner::Slab(s)
-            if size_class::class_for(new_size, align) == Some(s.class()) && s.tag(ptr) == bc =>
-        {
-            return ptr;
-        }
         Owner::Large(r)
             if r.tag.get() == bc && new_size > size_class::SMALL_MAX && new_size <= LARGE_MAX =>
         {
@@ -394,6 +403,46 @@ unsafe fn reallocate(ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
         unsafe {
             ptr::copy_nonoverlapping(ptr, new, layout.size().min(new_size));
             deallocate(ptr, layout);
+        }
+    }
+    new
+}
+
+/// Resizes slab object `ptr` of `slab`. It stays in place when the current exec
+/// beancounter owns it and the new size fits its class without leaving more than half of
+/// it unused (what it is charged does not change); otherwise it moves to a block charged to
+/// the current exec beancounter.
+///
+/// # Safety
+/// As `GlobalAlloc::realloc`, with `ptr` an object of `slab`.
+#[inline]
+unsafe fn realloc_small(
+    slab: &'static Slab,
+    ptr: *mut u8,
+    layout: Layout,
+    new_size: usize,
+    bc: u32,
+) -> *mut u8 {
+    let new_class = size_class::class_for(new_size, layout.align());
+    if let Some(c) = new_class {
+        let fits = c == slab.class() || (c < slab.class() && 2 * new_size >= slab.size());
+        if fits && slab.tag(ptr) == bc {
+            return ptr;
+        }
+    }
+    let new = match new_class {
+        Some(c) => alloc_small(bc, context::severity(), c, false),
+        None if Layout::from_size_align(new_size, layout.align()).is_ok() => {
+            alloc_big(bc, context::severity(), new_size, layout.align(), false)
+        }
+        None => return ptr::null_mut(),
+    };
+    if !new.is_null() {
+        // SAFETY: both blocks are live and distinct; the old one holds `layout.size()`
+        // bytes, the new one at least `new_size`.
+        unsafe {
+            ptr::copy_nonoverlapping(ptr, new, layout.size().min(new_size));
+            free_small(slab, ptr);
         }
     }
     new

@@ -16,7 +16,8 @@ use super::slab::Slab;
 
 /// What owns a block.
 pub(crate) enum Owner {
-    Slab(&'static Slab),
+    /// A slab object: its layout says so too, and [`slab_of`] finds its slab.
+    Slab,
     Large(&'static Run),
     Huge(&'static SegmentHead),
 }
@@ -39,7 +40,7 @@ pub(crate) fn owner_of(ptr: *const u8) -> Owner {
     }
     let run = head.run_of(ptr);
     match run.kind() {
-        Kind::Slab => Owner::Slab(slab_of(ptr)),
+        Kind::Slab => Owner::Slab,
         _ => {
             debug_assert_eq!(run.kind(), Kind::Large);
             Owner::Large(run)
