@@ -112,13 +112,13 @@ pub fn held(bc: &Beancounter) -> (u64, u64) {
 }
 
 /// The slab class size the allocator charges for a small request (`DESIGN.md` §3.2 and
-/// `size_class.rs`: 8, then every 16 bytes to 128, then four classes per doubling to 32 KiB),
+/// `size_class.rs`: every 8 bytes to 64, every 16 to 128, then four per doubling to 32 KiB),
 /// or `None` for a request served by page runs.
 pub fn class_size(size: usize, align: usize) -> Option<usize> {
     const SMALL_MAX: usize = 32 << 10;
     let classes = || {
-        let mut v = vec![8usize];
-        v.extend((1..=8).map(|c| c * 16));
+        let mut v: Vec<usize> = (1..=8).map(|c| c * 8).collect();
+        v.extend((5..=8).map(|c| c * 16));
         let mut base = 128;
         while base < SMALL_MAX {
             for q in 1..=4 {
@@ -131,7 +131,7 @@ pub fn class_size(size: usize, align: usize) -> Option<usize> {
     if align > 4096 {
         return None;
     }
-    let need = if align <= 8 || (align == 16 && size > 8) {
+    let need = if align <= 8 {
         size.max(1)
     } else {
         size.max(align).next_multiple_of(align)
