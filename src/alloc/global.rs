@@ -17,10 +17,11 @@
 //! │                                      the thread-exit hook (pthread key) and fork hooks
 //! ├─ thread_cache::alloc(class)          refill: Slab::create → run::alloc_run → (first
 //! │                                      time) os::map_aligned a 4 MiB segment
-//! └─ slab.set_tag(p, bc)                 the owner tag, in the slab's side array
+//! └─ slab.set_tag(p, bc)                 the owner tag: the slab's sole tag, or in its
+//!                                        side array once the slab is mixed
 //! ```
 //! Every later allocation of that class on that thread: TLS exec, stock subtract, slab pop,
-//! tag store — no lock, no atomic read-modify-write.
+//! tag check — no lock, no atomic read-modify-write.
 //!
 //! # A remote free
 //!
@@ -52,7 +53,7 @@
 use super::page_map::{self, Owner};
 use super::run::{self, Kind, LARGE_MAX, MAX_ALIGN};
 use super::size_class::{self, CLASSES};
-use super::slab::Slab;
+use super::slab::{self, Slab};
 use super::thread_cache::{self, AllocError};
 use crate::accounting::stock::GiveBack;
 use crate::accounting::types::{Resource, Severity};
@@ -162,7 +163,15 @@ fn alloc_small(bc: u32, severity: Severity, class: usize, zero: bool) -> *mut u8
 fn alloc_small_charged(bc: u32, class: usize, zero: bool) -> *mut u8 {
     match thread_cache::try_alloc(class) {
         Some((p, slab, zeroed)) => {
-            slab.set_tag(p.as_ptr(), bc);
+            // The slab's sole tag is the usual case; a mixed slab stores the tag inline; a
+            // slab changing hands is the cold tail call.
+            let sole = slab.sole();
+            if sole != bc {
+                if sole != slab::MIXED || slab.used() == 1 {
+                    return alloc_small_retag(slab, p.as_ptr(), bc, class, zero && !zeroed);
+                }
+                slab.write_tag(p.as_ptr(), bc);
+            }
             if zero && !zeroed {
                 return zero_object(p.as_ptr(), class);
             }
@@ -170,6 +179,17 @@ fn alloc_small_charged(bc: u32, class: usize, zero: bool) -> *mut u8 {
         }
         None => alloc_small_refill(bc, class, zero),
     }
+}
+
+/// An object whose slab carries another tag than `bc` for all of its objects.
+#[cold]
+#[inline(never)]
+fn alloc_small_retag(slab: &Slab, p: *mut u8, bc: u32, class: usize, zero: bool) -> *mut u8 {
+    slab.retag(p, bc);
+    if zero {
+        return zero_object(p, class);
+    }
+    p
 }
 
 /// No stock for `bc` on this thread: refill it, or charge directly.

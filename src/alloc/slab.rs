@@ -13,6 +13,13 @@
 //! A tag is 4 opaque bytes the layer above stores per object (the accounting owner); the
 //! slab never interprets it. There is no header in front of objects.
 //!
+//! While every object in use carries the same tag, the slab keeps that one tag in `sole`
+//! (its first cache line) and leaves the side array alone: a thread that works for one
+//! tenant at a time never writes or reads a tag line. The first object handed out with
+//! another tag while others are in use makes the slab *mixed*: the side array is filled
+//! with the old tag, `sole` becomes [`MIXED`], and from then on every object's tag is in
+//! the array, until the slab is empty again and the next object's tag becomes `sole`.
+//!
 //! Objects are handed out from `free` (objects freed by the owner, or collected from the
 //! remote list), then from `bump` (never used since the run was taken; these read as zero
 //! when the run was fresh from the OS, so `alloc_zeroed` can skip clearing them).
@@ -26,7 +33,7 @@ use super::run::RUN_PAYLOAD;
 use super::run::{self, Run};
 use super::size_class::{Class, CLASSES};
 use crate::os::PAGE;
-use crate::sync::AtomicUsize;
+use crate::sync::{AtomicU32, AtomicUsize, Ordering};
 use core::cell::Cell;
 use core::ptr::{self, NonNull};
 
@@ -44,32 +51,42 @@ pub(crate) enum Place {
 }
 
 /// A slab's metadata, in its run's payload space in the segment header.
+///
+/// Two cache lines: the first holds everything an allocation or a free by the owner reads
+/// and writes, with the owner's identity that every free compares (a random free touches
+/// the object, this line and the object's tag, nothing else); the second holds the list
+/// links of the owner's slow paths and the word other threads write on remote frees.
 #[repr(C, align(64))]
 pub(crate) struct Slab {
-    // Owner fields, read on every allocation and local free.
+    // First line: the owner's fast paths.
     free: Cell<*mut Block>,
+    base: *mut u8,
+    tags: *mut u32,
+    magic: u64,
+    /// Opaque owner identity (the owning heap's address), compared on every free.
+    pub(crate) owner: AtomicUsize,
+    /// The tag of every object in use, or [`MIXED`] when the side array holds them. Written
+    /// by the owner only; read by whoever frees an object.
+    sole: AtomicU32,
     used: Cell<u32>,
     bump: Cell<u32>,
     capacity: u32,
     size: u32,
-    magic: u64,
-    base: *mut u8,
-    tags: *mut u32,
     class: u8,
     /// Objects from `bump` on read as zero.
     fresh: Cell<bool>,
     pub(crate) place: Cell<Place>,
+    // Second line: slow-path links, and the shared remote-free word.
     /// Bin list links (owner).
     pub(crate) next: Cell<*mut Slab>,
     pub(crate) prev: Cell<*mut Slab>,
-    // Shared fields, on their own cache line: other threads write them on remote frees.
     pub(crate) remote: RemoteList,
-    /// Opaque owner identity (the owning heap's address), compared on free.
-    pub(crate) owner: AtomicUsize,
     /// Link on the owner's stack of handed-back slabs.
     returned_next: Cell<*mut Slab>,
 }
 
+const _: () = assert!(core::mem::offset_of!(Slab, place) < 64);
+const _: () = assert!(core::mem::offset_of!(Slab, next) >= 64);
 const _: () = assert!(core::mem::size_of::<Slab>() <= RUN_PAYLOAD);
 
 // SAFETY: owner fields are used only by the owning thread (or under the lock that stands
@@ -87,6 +104,11 @@ impl Linked for Slab {
         unsafe { (*this).returned_next.get() }
     }
 }
+
+/// `sole` of a slab whose objects' tags are in the side array.
+pub(crate) const MIXED: u32 = u32::MAX;
+/// `sole` of a new slab: the first object's tag is taken as the slab's.
+const UNTAGGED: u32 = u32::MAX - 1;
 
 /// The slab that owns nothing: every bin starts with it, so the allocation fast path needs
 /// no null check (an empty slab simply fails over to the slow path).
@@ -106,6 +128,7 @@ pub(crate) static EMPTY: Slab = Slab {
     prev: Cell::new(ptr::null_mut()),
     remote: RemoteList::new(),
     owner: AtomicUsize::new(0),
+    sole: AtomicU32::new(UNTAGGED),
     returned_next: Cell::new(ptr::null_mut()),
 };
 
@@ -136,6 +159,7 @@ impl Slab {
                 prev: Cell::new(ptr::null_mut()),
                 remote: RemoteList::new(),
                 owner: AtomicUsize::new(owner),
+                sole: AtomicU32::new(UNTAGGED),
                 returned_next: Cell::new(ptr::null_mut()),
             });
             &*at
@@ -165,6 +189,7 @@ impl Slab {
         CLASSES[self.class as usize].pages as usize * PAGE
     }
 
+    /// Objects in use, those other threads freed and the owner has not collected included.
     #[inline]
     pub(crate) fn used(&self) -> u32 {
         self.used.get()
@@ -245,18 +270,65 @@ impl Slab {
         ((off * self.magic) >> 32) as usize
     }
 
-    /// Stores the owner tag of object `p`.
+    /// Owner: the tag every object in use carries, or [`MIXED`]. An object just handed out
+    /// whose tag equals it needs nothing stored; with `MIXED`, store it with
+    /// [`write_tag`](Self::write_tag), unless it is the only object in use; otherwise call
+    /// [`retag`](Self::retag). [`set_tag`](Self::set_tag) does all three.
     #[inline]
-    pub(crate) fn set_tag(&self, p: *const u8, tag: u32) {
+    pub(crate) fn sole(&self) -> u32 {
+        self.sole.load(Ordering::Relaxed)
+    }
+
+    /// Owner, on a mixed slab: stores the tag of object `p`, just handed out.
+    #[inline]
+    pub(crate) fn write_tag(&self, p: *const u8, tag: u32) {
         // SAFETY: `p` is an object of this slab, so its index is below `capacity` and the
         // tag lies in the tag array; only the object's current holder touches its tag.
         unsafe { self.tags.add(self.index(p)).write(tag) }
     }
 
-    /// The owner tag of object `p`.
+    /// Owner: gives object `p`, just handed out, a tag other than `sole`'s. The only object
+    /// in use makes `tag` the slab's (a mixed slab that emptied becomes single-tagged
+    /// again); otherwise the slab becomes mixed.
+    #[cold]
+    #[inline(never)]
+    pub(crate) fn retag(&self, p: *const u8, tag: u32) {
+        let old = self.sole();
+        if self.used.get() == 1 {
+            // No other object is in use or on its way back through the remote list (those
+            // still count in `used`): nobody can read the old tag any more.
+            self.sole.store(tag, Ordering::Relaxed);
+            return;
+        }
+        debug_assert_ne!(old, MIXED);
+        for i in 0..self.capacity as usize {
+            // SAFETY: `i < capacity`: inside the tag array, which the owner alone writes.
+            unsafe { self.tags.add(i).write(old) };
+        }
+        // Release: a thread that reads MIXED reads the array filled above.
+        self.sole.store(MIXED, Ordering::Release);
+        self.write_tag(p, tag);
+    }
+
+    /// Stores the owner tag of object `p`, just handed out (the three cases above).
+    #[inline]
+    pub(crate) fn set_tag(&self, p: *const u8, tag: u32) {
+        match self.sole() {
+            sole if sole == tag => {}
+            MIXED if self.used.get() != 1 => self.write_tag(p, tag),
+            _ => self.retag(p, tag),
+        }
+    }
+
+    /// The owner tag of object `p`, from any thread.
     #[inline]
     pub(crate) fn tag(&self, p: *const u8) -> u32 {
-        // SAFETY: as in `set_tag`; the tag was written when the object was handed out,
+        // Acquire: pairs with the Release in `retag`.
+        let sole = self.sole.load(Ordering::Acquire);
+        if sole != MIXED {
+            return sole;
+        }
+        // SAFETY: as in `write_tag`; the tag was written when the object was handed out,
         // before the pointer reached whoever frees it.
         unsafe { self.tags.add(self.index(p)).read() }
     }
@@ -282,5 +354,77 @@ impl Slab {
             return Err("used + free + unbumped != capacity");
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::alloc::size_class::class_of;
+
+    /// Hands out `n` objects of `s` tagged `tag`.
+    fn take(s: &Slab, n: usize, tag: u32) -> Vec<*mut u8> {
+        (0..n)
+            .map(|_| {
+                let (p, _) = s.pop().expect("an object");
+                s.set_tag(p.as_ptr(), tag);
+                p.as_ptr()
+            })
+            .collect()
+    }
+
+    fn give_back(s: &Slab, ps: &[*mut u8]) {
+        for &p in ps {
+            // SAFETY: objects of `s` handed out by `take`, freed once by their owner.
+            unsafe { s.push_local(p) };
+        }
+    }
+
+    #[test]
+    fn one_tag_stays_in_the_slab_until_a_second_tag_mixes_it() {
+        let s = Slab::create(class_of(48), 1).expect("a slab");
+        let a = take(s, 10, 7);
+        assert_eq!(s.sole(), 7, "a single tag is kept once for the slab");
+        assert!(a.iter().all(|&p| s.tag(p) == 7));
+        let b = take(s, 5, 9);
+        assert_eq!(s.sole(), MIXED);
+        assert!(a.iter().all(|&p| s.tag(p) == 7), "mixing kept the old tags");
+        assert!(b.iter().all(|&p| s.tag(p) == 9));
+        let c = take(s, 3, 7);
+        assert!(c.iter().all(|&p| s.tag(p) == 7));
+        give_back(s, &a);
+        give_back(s, &b);
+        give_back(s, &c);
+        assert_eq!(s.used(), 0);
+        // Empty again: the next object's tag becomes the slab's.
+        let d = take(s, 4, 3);
+        assert_eq!(s.sole(), 3);
+        assert!(d.iter().all(|&p| s.tag(p) == 3));
+        give_back(s, &d);
+        // The last object in use may change hands without mixing the slab.
+        let e = take(s, 1, 5);
+        assert_eq!(s.sole(), 5);
+        give_back(s, &e);
+        assert_eq!(s.check_invariants(), Ok(()));
+        s.destroy();
+    }
+
+    #[test]
+    fn an_object_freed_by_another_thread_keeps_its_tag_while_the_slab_mixes() {
+        let s = Slab::create(class_of(64), 1).expect("a slab");
+        let a = take(s, 2, 11);
+        // Counted in `used` until collected: a second tag must mix, not replace.
+        // SAFETY: an object of `s` handed out above, given up once.
+        assert!(!unsafe { s.remote.push(a[1].cast()) });
+        give_back(s, &a[..1]);
+        assert_eq!(s.used(), 1, "the remote free is not collected yet");
+        let b = take(s, 1, 12);
+        assert_eq!(s.sole(), MIXED);
+        assert_eq!(s.tag(a[1]), 11);
+        assert_eq!(s.tag(b[0]), 12);
+        assert_eq!(s.collect(), 1);
+        give_back(s, &b);
+        assert_eq!(s.used(), 0);
+        s.destroy();
     }
 }
