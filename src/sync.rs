@@ -81,6 +81,15 @@ mod mutex {
             MutexGuard { mutex: self }
         }
 
+        /// The lock if it is free now, without waiting: for work that can as well be left
+        /// to whoever holds it.
+        pub(crate) fn try_lock(&self) -> Option<MutexGuard<'_, T>> {
+            self.locked
+                .compare_exchange(false, true, Ordering::Acquire, Ordering::Relaxed)
+                .is_ok()
+                .then_some(MutexGuard { mutex: self })
+        }
+
         /// The protected value, for the `fork()` protocol, which holds the lock without a
         /// guard; dereferencing it is up to the caller.
         pub(crate) fn data_ptr(&self) -> *mut T {

@@ -16,10 +16,26 @@
 //!
 //! All run changes happen under one lock. Slabs amortise it over their objects (a slab of
 //! 64-byte objects is taken once per ~250 allocations); large blocks take it on every
-//! allocation and free. Free runs are kept in bins by length; whole free segments beyond
-//! [`CACHED_EMPTY_SEGMENTS`] are unmapped at once, and free pages are purged
-//! (`MADV_DONTNEED`) once more than [`PURGE_THRESHOLD`] of them are dirty, so a workload
-//! that frees everything returns to its starting RSS.
+//! allocation and free. Free runs are kept in bins by length.
+//!
+//! # Giving memory back: by age, within a bound
+//! A freed run is *dirty* (its pages are resident) until it is purged (`MADV_DONTNEED`, or
+//! `munmap` for a whole free segment beyond [`CACHED_EMPTY_SEGMENTS`]). Dirty runs wait on a
+//! list in the order they were freed, each with the time it was freed, so that memory freed
+//! and taken again soon is not given back and faulted in again; purging takes the oldest
+//! first:
+//! - **By age:** a run dirty for [`PURGE_DELAY_MS`] (1 s) is purged at the next slow path of
+//!   any thread (a run taken or freed, or a thread heap refilling a bin): memory a program
+//!   stopped using goes back to the OS about a second later. No thread of its own is
+//!   needed; a process that makes no allocation at all keeps its dirty memory until it does.
+//! - **By amount:** dirty memory never exceeds [`dirty_bound`]: the larger of
+//!   [`DIRTY_FLOOR`] (64 MiB) and a quarter of the pages in use. A program that frees most
+//!   of its heap gives back all but that at once, whatever the age.
+//!
+//! Together: resident memory is at most the pages in use plus `max(64 MiB, in use / 4)` of
+//! free pages (plus the spare slabs each thread heap keeps, see `thread_cache`), and a
+//! second after a program stops allocating and freeing, what it freed is given back at its
+//! next allocator call.
 //!
 //! Invariants (checked by [`check_invariants`]): in every segment the runs tile the pages
 //! after the header; no two free runs are adjacent; every free run is in the bin of its
@@ -27,7 +43,7 @@
 //! `back[p] == p - first` for every page of a slab.
 
 use crate::os::{self, PAGE};
-use crate::sync::Mutex;
+use crate::sync::{AtomicU64, Mutex, Ordering};
 use core::cell::Cell;
 use core::ptr;
 
@@ -41,12 +57,17 @@ pub(crate) const LARGE_MAX: usize = 2 << 20;
 /// Largest alignment served: objects must not start on a segment boundary, where the
 /// metadata of the segment they belong to would be.
 pub(crate) const MAX_ALIGN: usize = SEGMENT / 2;
-/// Fully free segments kept mapped for reuse, so a workload that frees and reallocates a
-/// segment's worth of memory does not mmap/munmap each time.
+/// Fully free segments kept mapped (purged) when their pages are given back, so a workload
+/// that frees and reallocates a segment's worth of memory does not mmap/munmap each time.
 pub(crate) const CACHED_EMPTY_SEGMENTS: usize = 1;
-/// Free but not yet purged bytes tolerated before free runs are given back with
-/// `MADV_DONTNEED` (the hysteresis between RSS and reuse cost): 16 MiB, four segments.
-pub(crate) const PURGE_THRESHOLD: usize = 16 << 20;
+/// How long a freed run stays resident for reuse before it is purged: about a second, as
+/// the design asks (`DESIGN.md` §8), between jemalloc's default decay of 10 s and mimalloc's
+/// purge delay of tens of milliseconds.
+pub(crate) const PURGE_DELAY_MS: u64 = 1000;
+/// Dirty bytes always allowed, whatever is in use: 64 MiB, sixteen segments; a program whose
+/// working set is freed and built again (a parsed document, a request's buffers) reuses that
+/// much without a page fault.
+pub(crate) const DIRTY_FLOOR: usize = 64 << 20;
 
 /// What a run is used for.
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
@@ -69,10 +90,17 @@ pub(crate) struct Run {
     /// Large runs: the opaque owner tag and bytes charged, set by the allocator.
     pub(crate) tag: Cell<u32>,
     pub(crate) charged: Cell<usize>,
+    /// Dirty free runs: when the pages were freed (`os::now_ms`).
+    dirty_since: Cell<u64>,
     /// Free-run bin links.
     next: Cell<*mut Run>,
     prev: Cell<*mut Run>,
+    /// Dirty free runs: links on the list of dirty runs, oldest first.
+    dirty_next: Cell<*mut Run>,
+    dirty_prev: Cell<*mut Run>,
 }
+
+const _: () = assert!(core::mem::size_of::<Run>() == 64);
 
 /// What every mapping this layer makes starts with.
 #[repr(C)]
@@ -134,8 +162,14 @@ fn bin_of(pages: usize) -> usize {
 
 struct State {
     bins: [*mut Run; NUM_BINS],
-    empty_segments: usize,
+    /// Dirty free runs, oldest first (`Run::dirty_next`), and their pages.
+    dirty_head: *mut Run,
+    dirty_tail: *mut Run,
     dirty_pages: usize,
+    /// Segments whose usable pages are one free run.
+    empty_segments: usize,
+    /// Pages of slabs and large runs.
+    used_pages: usize,
     /// Pages mapped in segments and huge blocks, for statistics.
     mapped_bytes: usize,
 }
@@ -146,10 +180,17 @@ unsafe impl Send for State {}
 
 static RUNS: Mutex<State> = Mutex::new(State {
     bins: [ptr::null_mut(); NUM_BINS],
-    empty_segments: 0,
+    dirty_head: ptr::null_mut(),
+    dirty_tail: ptr::null_mut(),
     dirty_pages: 0,
+    empty_segments: 0,
+    used_pages: 0,
     mapped_bytes: 0,
 });
+
+/// When the oldest dirty run is due to be purged (`os::now_ms`), `u64::MAX` if none: lets a
+/// slow path outside the run lock tell whether there is anything to do.
+static NEXT_DUE: AtomicU64 = AtomicU64::new(u64::MAX);
 
 /// The head of the mapping `ptr` points into (any pointer handed out by this layer).
 #[inline]
@@ -242,7 +283,22 @@ impl Run {
 }
 
 impl State {
-    fn push(&mut self, run: &Run) {
+    /// Puts free `run` in the bin of its length and, if dirty, at the end of the dirty list
+    /// with the time its pages were freed.
+    fn push(&mut self, run: &Run, since: u64) {
+        if !run.zeroed.get() {
+            let me = run as *const Run as *mut Run;
+            run.dirty_since.set(since);
+            run.dirty_next.set(ptr::null_mut());
+            run.dirty_prev.set(self.dirty_tail);
+            if self.dirty_tail.is_null() {
+                self.dirty_head = me;
+            } else {
+                // SAFETY: the dirty list holds free runs in mapped segments.
+                unsafe { (*self.dirty_tail).dirty_next.set(me) };
+            }
+            self.dirty_tail = me;
+        }
         let b = bin_of(run.pages());
         let head = self.bins[b];
         run.prev.set(ptr::null_mut());
@@ -270,8 +326,74 @@ impl State {
             unsafe { (*next).prev.set(prev) };
         }
         if !run.zeroed.get() {
-            self.dirty_pages -= run.pages();
+            self.unlink_dirty(run);
         }
+    }
+
+    /// Takes dirty free `run` off the dirty list.
+    fn unlink_dirty(&mut self, run: &Run) {
+        let (prev, next) = (run.dirty_prev.get(), run.dirty_next.get());
+        if prev.is_null() {
+            self.dirty_head = next;
+        } else {
+            // SAFETY: the dirty list holds free runs in mapped segments.
+            unsafe { (*prev).dirty_next.set(next) };
+        }
+        if next.is_null() {
+            self.dirty_tail = prev;
+        } else {
+            // SAFETY: as above.
+            unsafe { (*next).dirty_prev.set(prev) };
+        }
+        self.dirty_pages -= run.pages();
+    }
+
+    /// Most dirty bytes kept: see the module docs.
+    fn dirty_bound(&self) -> usize {
+        dirty_bound(self.used_pages * PAGE)
+    }
+
+    /// Purges the oldest dirty runs while they are due or dirty memory is over its bound;
+    /// then publishes when the next one is due.
+    fn decay(&mut self, now: u64) {
+        while !self.dirty_head.is_null() {
+            // SAFETY: the dirty list holds free runs in mapped segments.
+            let run: &'static Run = unsafe { &*self.dirty_head };
+            let due = now.saturating_sub(run.dirty_since.get()) >= PURGE_DELAY_MS;
+            if !due && self.dirty_pages * PAGE <= self.dirty_bound() {
+                break;
+            }
+            self.purge_run(run);
+        }
+        let next = if self.dirty_head.is_null() {
+            u64::MAX
+        } else {
+            // SAFETY: as above.
+            let oldest = unsafe { (*self.dirty_head).dirty_since.get() };
+            oldest + PURGE_DELAY_MS
+        };
+        NEXT_DUE.store(next, Ordering::Relaxed);
+    }
+
+    /// Gives the pages of dirty free `run` back to the OS: the whole segment if the run is
+    /// all of it and enough empty segments stay mapped, else `MADV_DONTNEED` (the run then
+    /// reads as zero).
+    fn purge_run(&mut self, run: &'static Run) {
+        let head = head_of(run as *const Run as *const u8);
+        if run.pages() == USABLE_PAGES && self.empty_segments > CACHED_EMPTY_SEGMENTS {
+            self.unlink(run);
+            self.empty_segments -= 1;
+            self.mapped_bytes -= SEGMENT;
+            // SAFETY: every page of the segment is free, so no block refers to it, and its
+            // only free run is now in no list.
+            unsafe { os::unmap(head.base() as *mut u8, SEGMENT) };
+            return;
+        }
+        self.unlink_dirty(run);
+        // SAFETY: a free run's pages hold no block; they are page-aligned and inside the
+        // segment's mapping.
+        unsafe { os::purge(head.run_start(run), run.bytes()) };
+        run.zeroed.set(true);
     }
 
     /// A free run of at least `pages` pages, unlinked.
@@ -297,6 +419,8 @@ impl State {
 
     fn new_segment(&mut self) -> Option<&'static Run> {
         let base = os::map_aligned(SEGMENT, SEGMENT)?.as_ptr();
+        // SAFETY: the segment's whole mapping, just made.
+        unsafe { os::advise_huge(base, SEGMENT) };
         self.mapped_bytes += SEGMENT;
         // SAFETY: a fresh, zeroed, SEGMENT-aligned mapping of SEGMENT bytes; zero bytes are a
         // valid `Segment` (false, 0, Cells of 0 and null, Kind::Free = 0), so the header can be
@@ -326,7 +450,8 @@ impl State {
             tail.zeroed.set(run.zeroed.get());
             seg.back[first + pages].set(0);
             seg.back[first + pages + rest - 1].set((rest - 1) as u16);
-            self.push(tail);
+            // The rest keeps its age: carving pieces off a free run does not keep it young.
+            self.push(tail, run.dirty_since.get());
         }
         run.kind.set(kind);
         run.pages.set(pages as u32);
@@ -339,6 +464,7 @@ impl State {
             seg.back[first + pages - 1].set((pages - 1) as u16);
         }
         head.used_pages.set(head.used_pages.get() + pages as u32);
+        self.used_pages += pages;
     }
 
     fn release(&mut self, run: &'static Run) {
@@ -347,6 +473,7 @@ impl State {
         let mut first = head.page_of(run);
         let mut pages = run.pages();
         head.used_pages.set(head.used_pages.get() - pages as u32);
+        self.used_pages -= pages;
         if first + pages < PAGES {
             let next = &seg.runs[first + pages];
             if next.kind() == Kind::Free {
@@ -371,19 +498,11 @@ impl State {
         seg.back[first].set(0);
         seg.back[first + pages - 1].set((pages - 1) as u16);
         if pages == USABLE_PAGES {
-            if self.empty_segments >= CACHED_EMPTY_SEGMENTS {
-                self.mapped_bytes -= SEGMENT;
-                // SAFETY: every page of the segment is free, so no block refers to it, and
-                // its only free run is not in a bin.
-                unsafe { os::unmap(head.base() as *mut u8, SEGMENT) };
-                return;
-            }
             self.empty_segments += 1;
         }
-        self.push(run);
-        if self.dirty_pages * PAGE > PURGE_THRESHOLD {
-            self.purge();
-        }
+        let now = os::now_ms();
+        self.push(run, now);
+        self.decay(now);
     }
 
     /// Splits the pages of free, unlinked `run` before the first `align`-aligned one off
@@ -408,29 +527,15 @@ impl State {
         // never adjacent), so there is nothing to coalesce.
         run.pages.set(skip as u32);
         seg.back[first + skip - 1].set((skip - 1) as u16);
-        self.push(run);
+        self.push(run, run.dirty_since.get());
         rest
     }
+}
 
-    /// Gives every dirty free run back to the OS; they read as zero afterwards.
-    fn purge(&mut self) {
-        for b in 0..NUM_BINS {
-            let mut at = self.bins[b];
-            while !at.is_null() {
-                // SAFETY: bin entries are free runs in mapped segments.
-                let run = unsafe { &*at };
-                if !run.zeroed.get() {
-                    let head = head_of(at as *const u8);
-                    // SAFETY: a free run's pages hold no block; they are page-aligned and
-                    // inside the segment's mapping.
-                    unsafe { os::purge(head.run_start(run), run.bytes()) };
-                    run.zeroed.set(true);
-                }
-                at = run.next.get();
-            }
-        }
-        self.dirty_pages = 0;
-    }
+/// Most dirty bytes kept while `in_use` bytes of runs are in use: the larger of
+/// [`DIRTY_FLOOR`] and a quarter of `in_use`.
+pub(crate) fn dirty_bound(in_use: usize) -> usize {
+    DIRTY_FLOOR.max(in_use / 4)
 }
 
 /// A run of `pages` pages for a slab or a large block, aligned to `align` bytes
@@ -453,7 +558,27 @@ pub(crate) fn alloc_run(pages: usize, align: usize, kind: Kind) -> Option<(&'sta
     };
     let zeroed = run.zeroed.get();
     st.carve(run, pages, kind);
+    let now = os::now_ms();
+    if now >= NEXT_DUE.load(Ordering::Relaxed) {
+        st.decay(now);
+    }
     Some((run, zeroed))
+}
+
+/// Purges the dirty runs that are due (see the module docs), if any are and the run lock is
+/// free (its holder purges on its way out). For the slow paths above this layer.
+pub(crate) fn decay_if_due() {
+    let due = NEXT_DUE.load(Ordering::Relaxed);
+    if due == u64::MAX {
+        return;
+    }
+    let now = os::now_ms();
+    if now < due {
+        return;
+    }
+    if let Some(mut st) = RUNS.try_lock() {
+        st.decay(now);
+    }
 }
 
 /// Returns an allocated run's pages.
@@ -516,6 +641,8 @@ pub(crate) fn alloc_huge(size: usize, align: usize) -> Option<&'static SegmentHe
         return None;
     }
     let base = os::map_aligned(map_size, SEGMENT)?.as_ptr();
+    // SAFETY: the block's whole mapping, just made (a resize keeps the advice).
+    unsafe { os::advise_huge(base, map_size) };
     // SAFETY: a fresh zeroed mapping; its first bytes become the head, which nothing else
     // refers to yet.
     let head = unsafe { &mut *(base as *mut SegmentHead) };
@@ -605,6 +732,20 @@ pub(crate) fn check_invariants() -> Result<(), &'static str> {
     }
     if dirty != st.dirty_pages {
         return Err("dirty page count differs from the dirty free runs");
+    }
+    let (mut listed, mut at, mut prev) = (0, st.dirty_head, ptr::null_mut());
+    while !at.is_null() {
+        // SAFETY: the dirty list holds free runs in mapped segments; the lock is held.
+        let run = unsafe { &*at };
+        if run.kind() != Kind::Free || run.zeroed.get() || run.dirty_prev.get() != prev {
+            return Err("the dirty list holds a run that is not free and dirty, or is broken");
+        }
+        listed += run.pages();
+        prev = at;
+        at = run.dirty_next.get();
+    }
+    if listed != dirty || prev != st.dirty_tail {
+        return Err("the dirty list does not hold exactly the dirty free runs");
     }
     Ok(())
 }

@@ -10,6 +10,7 @@
 //!    ├─ heap is EMPTY  → Uninit (the caller starts the thread: init_current)
 //!    ├─ heap is DEAD   → the shared heap, under its lock
 //!    └─ Heap::refill(class)
+//!       ├─ run::decay_if_due()      purge runs freed a second ago (rarely anything)
 //!       ├─ drain_returned()         slabs handed back by remote frees
 //!       ├─ cur.collect()            objects other threads freed into the current slab
 //!       ├─ park cur, next partial   a full slab is set aside until a remote free
@@ -175,6 +176,8 @@ impl Heap {
     #[cold]
     #[inline(never)]
     fn refill(&self, class: usize) -> Option<(NonNull<u8>, &'static Slab, bool)> {
+        // A slow path: the time to give back memory that has not been used for a while.
+        run::decay_if_due();
         self.drain_returned();
         let bin = &self.bins[class];
         let cur = ptr_ref(bin.cur.replace(&slab::EMPTY)).filter(|s| !ptr::eq(*s, &slab::EMPTY));
