@@ -36,10 +36,10 @@
 //!   **limit**; one that passed the limit would abort the process. The config therefore
 //!   requires `limit >= barrier + HANDLER_SLACK`: fallible requests stop at the barrier,
 //!   and the handlers' ordinary allocations above it never reach the limit.
-//! - A worker drains its stock ([`beancounter::drain_stock`]) after each request. The stock
-//!   is what a thread charges ahead of use, up to `STOCK_BYTES` per thread; without the
-//!   drain an idle worker would keep part of the last tenant's headroom charged (`stat()`
-//!   excludes it, `held` in the counters includes it) until it served someone else.
+//! - A worker keeps, per tenant it served, what it charged ahead of use (its *stock*, up to
+//!   two `STOCK_BYTES` batches per tenant): `stat()` and the reports exclude it, and a
+//!   request that the barrier would refuse only because of stocks takes them back from
+//!   every worker first, so the workers never need to drain anything.
 //!
 //! # The demo
 //! `--demo` starts the server on an ephemeral port and drives it: the well-behaved tenants
@@ -85,15 +85,17 @@ const MAX_KIB: u64 = 4 << 20;
 const WORKERS: usize = 4;
 
 /// What the process may hold besides the tenants' limits, for the demo's RSS check:
-/// - 16 MiB of freed pages the allocator keeps dirty before it purges them, plus one empty
-///   4 MiB segment it keeps mapped;
+/// - up to 64 MiB of freed pages the allocator keeps resident for about a second before it
+///   gives them back (the floor of its bound on free pages, `DIRTY_FLOOR` in
+///   `src/alloc/run.rs`: reused within the second, they are not faulted in again), and the
+///   1 MiB of empty slabs each thread heap keeps;
 /// - the executable and shared libraries, and the touched part of about a dozen thread
 ///   stacks: a few MiB (more for an unoptimised test build);
 /// - the allocator's metadata (segment headers, slab tails, page maps) and the touched
 ///   slots of the beancounter and stock tables: well under 1 MiB here;
 /// - the host's own heap in the root beancounter (request buffers, the clients' latency
 ///   samples, reports): under 1 MiB.
-const RSS_OVERHEAD: u64 = 32 << 20;
+const RSS_OVERHEAD: u64 = 80 << 20;
 
 /// Bytes a tenant may still hold once every request is over ("about nothing"): room for
 /// per-thread state that a worker might create lazily while serving a tenant, which would
@@ -375,8 +377,6 @@ impl Server {
                         .and_then(|rx| rx.recv().map_err(drop));
                     let Ok(stream) = next else { return };
                     serve(stream, &tenants);
-                    // Give back what this worker charged ahead for the tenant it served.
-                    beancounter::drain_stock();
                 })
             })
             .collect();
@@ -700,7 +700,7 @@ fn run_demo(conf: &[TenantConf], size: &DemoSize) -> Result<Vec<String>, String>
     println!(
         "RSS: peak {:.1} MiB (VmHWM; sampled VmRSS peak {:.1} MiB, now {:.1} MiB); bound {:.0} MiB \
          = limits {:.0} MiB + overhead {:.0} MiB \
-         (20 MiB of freed pages and an empty segment the allocator keeps; binary, stacks, \
+         (up to 64 MiB of freed pages the allocator keeps for a second; binary, stacks, \
          allocator metadata, the beancounter table, the host's heap)",
         mib(hwm),
         mib(m.sampled_rss),

@@ -6,26 +6,28 @@
 //! common floor.
 //!
 //! ```text
-//! accounting (who pays)                       allocator (where bytes live)
-//!                                    L4 alloc/global.rs: GlobalAlloc, BcAllocator;
-//!                                       the only module that uses both stacks
-//! A3 accounting/stock.rs             L3 alloc/thread_cache.rs  per-thread heaps, bins,
-//!    per-thread stocks and debts,          abandon/reclaim at thread exit
-//!    reclaim before refusing         L2 alloc/slab.rs, remote.rs  one size class per slab,
-//! A2 accounting/context.rs, spawn.rs,      owner tags, lock-free remote frees
-//!    future.rs: exec/fork, guards,   L1 alloc/run.rs, page_map.rs, size_class.rs
-//!    severity scopes, spawn, futures       segments, page runs, huge blocks,
-//! A1 accounting/registry.rs: slots,        pointer -> metadata
-//!    ids, lifetime, hierarchy walk
-//!    accounting/handle.rs: the public
-//!    API over A1-A3 (handles, stat,
-//!    checkpoint)
-//! A0 accounting/beancounter.rs, types.rs
+//! accounting (who pays)                  allocator (where bytes live)
+//!                                        L4 alloc/global.rs: GlobalAlloc, BcAllocator;
+//!                                           the only module that uses both stacks
+//! A3 accounting/stock.rs: a thread's     L3 alloc/thread_cache.rs: per-thread heaps,
+//!    stock entries, one per tenant;         bins, abandon/reclaim at thread exit
+//!    reclaim.rs: taking them back        L2 alloc/slab.rs, remote.rs: one size class
+//!    before refusing; stock_table.rs:       per slab, owner tags, lock-free remote
+//!    the process's slots and the            frees
+//!    thread's own                        L1 alloc/run.rs, page_map.rs, size_class.rs:
+//! A2 accounting/context.rs, spawn.rs,       segments, page runs, huge blocks, purging
+//!    future.rs: exec/fork, guards,          by age, pointer -> metadata
+//!    severity scopes, spawn, futures
+//! A1 accounting/registry.rs: slots, ids,
+//!    lifetime, hierarchy walk;
+//!    handle.rs: the public API over
+//!    A1-A3 (handles, stat, checkpoint)
+//! A0 accounting/beancounter.rs, types.rs:
 //!    one counter: add, check, publish
 //! report.rs: snapshots, the /proc/user_beancounters table, Prometheus text, event
 //!    watching; above the accounting stack, for host threads only
 //! ------------------------------------------------------------------------------------
-//! L0 os/        anonymous mappings, madvise, mremap; never allocates
+//! L0 os/        anonymous mappings, madvise, mremap, the coarse clock; never allocates
 //!    sync.rs    the one switch between std and loom primitives
 //! ```
 //!
@@ -38,8 +40,8 @@
 //! - *context*: a thread's exec beancounter (charged now) and fork beancounter (inherited
 //!   by threads it spawns).
 //! - *charge* / *uncharge*: add to / subtract from `held`, checked by a *severity*.
-//! - *stock*: what a thread charged ahead to its exec beancounter; *debt*: what it freed of
-//!   another beancounter and has not uncharged yet. Both are charged but not in use.
+//! - *stock*: what a thread holds charged to a beancounter and not in use, in one *entry*
+//!   per beancounter: charged ahead of its allocations, or given back by its frees.
 //! - *OS page* (4 KiB) vs *run* (consecutive pages of a 4 MiB *segment*) vs *slab* (a run
 //!   cut into objects of one size class) vs *huge block* (a mapping of its own).
 

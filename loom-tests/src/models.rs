@@ -273,16 +273,17 @@ fn slot_reuse_is_told_apart_by_generation() {
 
 /// A thread's stock racing a reclaimer (the path taken before a refusal and on a limit
 /// change): whatever the interleaving, nothing is lost or counted twice (`held` equals
-/// what the owner's objects hold plus what the stock holds and the debt still owes), the
+/// what the owner's objects hold plus what its entry holds), the
 /// owner never uses a stock that was taken back, and `held` never passes the limit.
 #[test]
 fn stock_consume_races_reclaim() {
-    use crate::accounting::stock::{charge_pair_undo, reclaim, GiveBack, StockSlot};
+    use crate::accounting::reclaim::{reclaim, Target};
+    use crate::accounting::stock::{charge_pair_undo, GiveBack, StockSlot};
     model("stock_consume_races_reclaim", || {
         let reg = Arc::new(Registry::new(4));
         let bc = reg.find_or_create(BcId(1), None).unwrap();
         reg.set_limits(bc, MEM_INDEX, limits(16, 16)).unwrap();
-        let slot = Arc::new(StockSlot::new());
+        let slot = Arc::new(StockSlot::new(0));
         // The owner's first charge refills: 2 for the object plus a batch of
         // headroom / 2 = 7 (one CPU under loom).
         slot.charge_slow(&reg, bc, 2, Severity::Limit).unwrap();
@@ -298,24 +299,24 @@ fn stock_consume_races_reclaim() {
                         live += 2;
                     }
                 }
-                // Free one object: back into the stock, onto the debt owed to `bc` once the
-                // stock was taken, or directly.
+                // Free one object: back into the entry (refilled, or empty once a reclaim
+                // took it), or directly while the reclaimer is at work.
                 if slot.try_give_back(bc, 2) == GiveBack::NotMine {
                     charge_pair_undo(&reg, bc, 2);
                 }
                 live - 2
             })
         };
-        let taken = reclaim(&reg, core::slice::from_ref(&*slot).iter(), bc);
+        let taken = reclaim(
+            &reg,
+            core::slice::from_ref(&*slot).iter(),
+            None,
+            Target::Leaf(bc),
+        );
         let live = owner.join().unwrap();
-        // Charged but not in use: what the stock holds and what the debt still owes.
-        let (mut idle_mem, mut idle_objs) = (0, 0);
-        for (b, m, o) in [slot.peek(), slot.peek_debt()] {
-            if b == bc {
-                idle_mem += m;
-                idle_objs += o;
-            }
-        }
+        // Charged but not in use: what the entry holds (refilled, or given back by the
+        // free).
+        let (idle_mem, idle_objs) = slot.peek(bc);
         let stat = reg.stat(bc, MEM_INDEX);
         assert!(stat.maxheld <= 16);
         assert_eq!(stat.held, live + idle_mem, "taken {taken}");
@@ -336,12 +337,13 @@ fn stock_consume_races_reclaim() {
 /// only ever caused by real usage, and the limit is never passed.
 #[test]
 fn refused_charge_reclaims_other_stock() {
-    use crate::accounting::stock::{charge_pair, reclaim, StockSlot};
+    use crate::accounting::reclaim::{reclaim, Target};
+    use crate::accounting::stock::{charge_pair, StockSlot};
     model("refused_charge_reclaims_other_stock", || {
         let reg = Arc::new(Registry::new(4));
         let bc = reg.find_or_create(BcId(1), None).unwrap();
         reg.set_limits(bc, MEM_INDEX, limits(12, 12)).unwrap();
-        let slot = Arc::new(StockSlot::new());
+        let slot = Arc::new(StockSlot::new(0));
         // Owner: 2 used, 5 stocked (headroom 10 / 2).
         slot.charge_slow(&reg, bc, 2, Severity::Limit).unwrap();
 
@@ -353,7 +355,12 @@ fn refused_charge_reclaims_other_stock() {
         let got = match charge_pair(&reg, bc, 6, 1, Severity::Limit) {
             Ok(()) => true,
             Err(_) => {
-                reclaim(&reg, core::slice::from_ref(&*slot).iter(), bc);
+                reclaim(
+                    &reg,
+                    core::slice::from_ref(&*slot).iter(),
+                    None,
+                    Target::Leaf(bc),
+                );
                 charge_pair(&reg, bc, 6, 1, Severity::Limit).is_ok()
             }
         };
@@ -363,8 +370,7 @@ fn refused_charge_reclaims_other_stock() {
             got,
             "refused although the stock could be reclaimed (used {used})"
         );
-        let (stocked_bc, mem, _) = slot.peek();
-        let stocked = if stocked_bc == bc { mem } else { 0 };
+        let (stocked, _) = slot.peek(bc);
         let stat = reg.stat(bc, MEM_INDEX);
         assert_eq!(stat.held, used + 6 + stocked);
         assert!(stat.maxheld <= 12);
@@ -381,12 +387,13 @@ fn refused_charge_reclaims_other_stock() {
 /// headroom, and the books balance whatever the order.
 #[test]
 fn stock_refill_races_limit_change() {
-    use crate::accounting::stock::{reclaim, StockSlot};
+    use crate::accounting::reclaim::{reclaim, Target};
+    use crate::accounting::stock::StockSlot;
     model("stock_refill_races_limit_change", || {
         let reg = Arc::new(Registry::new(4));
         let bc = reg.find_or_create(BcId(1), None).unwrap();
         reg.set_limits(bc, MEM_INDEX, limits(16, 16)).unwrap();
-        let slot = Arc::new(StockSlot::new());
+        let slot = Arc::new(StockSlot::new(0));
 
         let owner = {
             let (reg, slot) = (reg.clone(), slot.clone());
@@ -403,11 +410,15 @@ fn stock_refill_races_limit_change() {
             })
         };
         reg.set_limits(bc, MEM_INDEX, limits(8, 8)).unwrap();
-        reclaim(&reg, core::slice::from_ref(&*slot).iter(), bc);
+        reclaim(
+            &reg,
+            core::slice::from_ref(&*slot).iter(),
+            None,
+            Target::Leaf(bc),
+        );
         let live = owner.join().unwrap();
 
-        let (stocked_bc, mem, _) = slot.peek();
-        let stocked = if stocked_bc == bc { mem } else { 0 };
+        let (stocked, _) = slot.peek(bc);
         let stat = reg.stat(bc, MEM_INDEX);
         assert!(stat.maxheld <= 16);
         assert_eq!(stat.held, live + stocked);
@@ -424,5 +435,130 @@ fn stock_refill_races_limit_change() {
         reg.uncharge(bc, 1, live / 2);
         assert_eq!(reg.stat(bc, MEM_INDEX).held, 0);
         reg.release(bc);
+    });
+}
+
+/// A thread that switches between tenants keeps an entry per tenant (two entries under
+/// loom): it refills A, switches to B and refills it, frees one of A's objects into A's
+/// entry and takes another of B's, while a reclaimer takes A's entries back (a refusal, a
+/// limit change). Whatever the interleaving, each tenant's `held` is exactly what its live
+/// objects and its entry hold, B's entry is never touched by A's reclaim, and nothing is
+/// left charged once everything is given back.
+#[test]
+fn tenant_entries_race_a_reclaim() {
+    use crate::accounting::reclaim::{reclaim, Target};
+    use crate::accounting::stock::{charge_pair_undo, GiveBack, StockSlot};
+    model("tenant_entries_race_a_reclaim", || {
+        let reg = Arc::new(Registry::new(4));
+        let a = reg.find_or_create(BcId(1), None).unwrap();
+        let b = reg.find_or_create(BcId(2), None).unwrap();
+        assert_ne!(a % 2, b % 2, "A and B map to different entries");
+        reg.set_limits(a, MEM_INDEX, limits(16, 16)).unwrap();
+        let slot = Arc::new(StockSlot::new(0));
+        // A: 2 for the object and a batch of half the headroom (one CPU under loom).
+        slot.charge_slow(&reg, a, 2, Severity::Limit).unwrap();
+
+        let owner = {
+            let (reg, slot) = (reg.clone(), slot.clone());
+            thread::spawn(move || {
+                // The switch to B: its own entry, A's stays.
+                slot.charge_slow(&reg, b, 2, Severity::Limit).unwrap();
+                // A's object freed while working for B.
+                if slot.try_give_back(a, 2) == GiveBack::NotMine {
+                    charge_pair_undo(&reg, a, 2);
+                }
+                let mut live_b = 2;
+                if slot.try_consume(b, 2) || slot.charge_slow(&reg, b, 2, Severity::Limit).is_ok() {
+                    live_b += 2;
+                }
+                live_b
+            })
+        };
+        reclaim(
+            &reg,
+            core::slice::from_ref(&*slot).iter(),
+            None,
+            Target::Leaf(a),
+        );
+        let live_b = owner.join().unwrap();
+
+        let (a_mem, a_objs) = slot.peek(a);
+        let (b_mem, b_objs) = slot.peek(b);
+        assert_eq!(reg.stat(a, MEM_INDEX).held, a_mem, "A: nothing live");
+        assert_eq!(reg.stat(a, 1).held, a_objs);
+        assert!(reg.stat(a, MEM_INDEX).maxheld <= 16);
+        assert_eq!(reg.stat(b, MEM_INDEX).held, live_b + b_mem);
+        assert_eq!(reg.stat(b, 1).held, live_b / 2 + b_objs);
+        slot.drain(&reg);
+        reg.uncharge(b, MEM_INDEX, live_b);
+        reg.uncharge(b, 1, live_b / 2);
+        for bc in [a, b] {
+            assert_eq!(reg.stat(bc, MEM_INDEX).held, 0);
+            assert_eq!(reg.stat(bc, 1).held, 0);
+            reg.release(bc);
+        }
+        reg.check_invariants().unwrap();
+    });
+}
+
+/// Two tenants that map to the same entry take turns: the owner refills A, then C (which
+/// evicts A's entry), then frees one of A's objects (uncharged directly: the entry is C's),
+/// while a reclaim of the parent P of A and C (a subtree) runs. No interleaving loses or
+/// double-counts a charge at any level, and P never passes its limit.
+#[test]
+fn colliding_entries_race_a_subtree_reclaim() {
+    use crate::accounting::reclaim::{reclaim, Target};
+    use crate::accounting::stock::{charge_pair_undo, GiveBack, StockSlot};
+    model("colliding_entries_race_a_subtree_reclaim", || {
+        let reg = Arc::new(Registry::new(5));
+        let p = reg.find_or_create(BcId(1), None).unwrap();
+        let a = reg.find_or_create(BcId(2), Some(p)).unwrap();
+        // Takes the slot between, so that C lands on A's entry.
+        let other = reg.find_or_create(BcId(3), None).unwrap();
+        let c = reg.find_or_create(BcId(4), Some(p)).unwrap();
+        assert_eq!(a % 2, c % 2, "A and C share an entry");
+        assert!(reg.has_children(p) && !reg.has_children(a));
+        reg.set_limits(p, MEM_INDEX, limits(16, 16)).unwrap();
+        let slot = Arc::new(StockSlot::new(0));
+        slot.charge_slow(&reg, a, 2, Severity::Limit).unwrap();
+
+        let owner = {
+            let (reg, slot) = (reg.clone(), slot.clone());
+            thread::spawn(move || {
+                let live_c = match slot.charge_slow(&reg, c, 2, Severity::Limit) {
+                    Ok(()) => 2,
+                    Err(_) => 0,
+                };
+                if slot.try_give_back(a, 2) == GiveBack::NotMine {
+                    charge_pair_undo(&reg, a, 2);
+                }
+                live_c
+            })
+        };
+        reclaim(
+            &reg,
+            core::slice::from_ref(&*slot).iter(),
+            None,
+            Target::Subtree(p),
+        );
+        let live_c = owner.join().unwrap();
+
+        let (a_mem, _) = slot.peek(a);
+        let (c_mem, _) = slot.peek(c);
+        assert_eq!(reg.stat(a, MEM_INDEX).held, a_mem);
+        assert_eq!(reg.stat(c, MEM_INDEX).held, live_c + c_mem);
+        assert_eq!(reg.stat(p, MEM_INDEX).held, live_c + a_mem + c_mem);
+        assert!(reg.stat(p, MEM_INDEX).maxheld <= 16);
+        slot.drain(&reg);
+        reg.uncharge(c, MEM_INDEX, live_c);
+        reg.uncharge(c, 1, live_c / 2);
+        for bc in [a, c, p] {
+            assert_eq!(reg.stat(bc, MEM_INDEX).held, 0, "slot {bc}");
+            assert_eq!(reg.stat(bc, 1).held, 0, "slot {bc}");
+        }
+        for bc in [a, c, p, other] {
+            reg.release(bc);
+        }
+        reg.check_invariants().unwrap();
     });
 }

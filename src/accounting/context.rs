@@ -147,9 +147,15 @@ impl Drop for ExecGuard {
                 // In order, or inner guards are still alive: restore what this guard saved,
                 // which leaves the context as it was before it (and the inner ones stale).
                 c.depth.set(self.depth - 1);
-                reg.release(c.exec.replace(self.prev_exec));
-                if let Some(fork) = self.prev_fork {
-                    reg.release(c.fork.replace(fork));
+                let exec = c.exec.replace(self.prev_exec);
+                match self.prev_fork.map(|fork| c.fork.replace(fork)) {
+                    // The usual case, exec and fork in one tenant: one atomic operation.
+                    Some(fork) if fork == exec => reg.release_n(exec, 2),
+                    Some(fork) => {
+                        reg.release(exec);
+                        reg.release(fork);
+                    }
+                    None => reg.release(exec),
                 }
                 self.depth == depth
             })
@@ -172,12 +178,10 @@ fn switch(index: u32, with_fork: bool) -> ExecGuard {
     let reg = registry();
     arm_exit_hook();
     CONTEXT.with(|c| {
-        reg.retain(index);
+        // Exec and fork each own a reference: both taken in one atomic operation.
+        reg.retain_n(index, 1 + with_fork as u64);
         let prev_exec = c.exec.replace(index);
-        let prev_fork = with_fork.then(|| {
-            reg.retain(index);
-            c.fork.replace(index)
-        });
+        let prev_fork = with_fork.then(|| c.fork.replace(index));
         let depth = c.depth.get() + 1;
         c.depth.set(depth);
         ExecGuard {

@@ -3,7 +3,7 @@
 
 use super::beancounter::Events;
 use super::registry::{Registry, ROOT};
-use super::stock;
+use super::stock_table;
 use super::types::{BcError, BcId, Exceeded, Limits, Resource, ResourceStat, Severity};
 use super::types::{MAX, MAX_CUSTOM_RESOURCES, MAX_DEPTH};
 use core::fmt;
@@ -102,9 +102,7 @@ impl Beancounter {
     /// assert_eq!(query.parent().unwrap().id(), BcId(100));
     /// ```
     pub fn new_child(&self, id: BcId) -> Result<Beancounter, BcError> {
-        registry()
-            .find_or_create(id, Some(self.index))
-            .map(Beancounter::from_owned_index)
+        create(id, Some(self.index)).map(Beancounter::from_owned_index)
     }
 
     /// Sets the barrier and limit of one resource.
@@ -127,7 +125,7 @@ impl Beancounter {
         let reg = registry();
         reg.set_limits(self.index, reg.resource_index(r)?, l)?;
         // Stocks were sized for the old headroom: take them back.
-        stock::reclaim_all(self.index);
+        stock_table::reclaim_all(self.index);
         Ok(())
     }
 
@@ -386,9 +384,19 @@ impl fmt::Debug for Charge {
 /// assert_eq!(a, b);
 /// ```
 pub fn find_or_create(id: BcId) -> Result<Beancounter, BcError> {
-    registry()
-        .find_or_create(id, None)
-        .map(Beancounter::from_owned_index)
+    create(id, None).map(Beancounter::from_owned_index)
+}
+
+/// Creates (or finds) `id` under `parent`. A full table is retried once after taking back
+/// the stocks that keep unreferenced beancounters charged, so they can be reaped.
+fn create(id: BcId, parent: Option<u32>) -> Result<u32, BcError> {
+    let reg = registry();
+    match reg.find_or_create(id, parent) {
+        Err(BcError::TableFull) if stock_table::reclaim_unreferenced() > 0 => {
+            reg.find_or_create(id, parent)
+        }
+        other => other,
+    }
 }
 
 /// Returns the live beancounter `id`, if any.
@@ -438,7 +446,7 @@ pub fn set_limits(id: BcId, r: Resource, l: Limits) -> Result<(), BcError> {
     let ri = reg.resource_index(r)?;
     let bc = lookup(id).ok_or(BcError::NotFound(id))?;
     reg.set_limits(bc.index, ri, l)?;
-    stock::reclaim_all(bc.index);
+    stock_table::reclaim_all(bc.index);
     Ok(())
 }
 
@@ -470,7 +478,7 @@ pub fn stat(id: BcId, r: Resource) -> Result<ResourceStat, BcError> {
 /// the charged value, stocks included).
 fn true_stat(index: u32, ri: usize) -> ResourceStat {
     let mut s = registry().stat(index, ri);
-    s.held = s.held.saturating_sub(stock::stocked(index, ri));
+    s.held = s.held.saturating_sub(stock_table::stocked(index, ri));
     s
 }
 
@@ -512,7 +520,7 @@ pub(crate) fn over_barrier(index: u32) -> Result<(), Exceeded> {
             let s = reg.stat(at, ri);
             // Cheap test first: `held` includes stocks, so under it means under for real.
             if s.held > s.barrier {
-                let held = s.held.saturating_sub(stock::stocked(at, ri));
+                let held = s.held.saturating_sub(stock_table::stocked(at, ri));
                 if held > s.barrier {
                     return Err(Exceeded {
                         id: reg.id_of(at),
@@ -590,7 +598,8 @@ pub fn register_resource(name: &'static str) -> Result<Resource, BcError> {
 }
 
 /// Frees every beancounter that no handle or context refers to any more and whose charges
-/// have all been given back; returns how many.
+/// have all been given back; returns how many. What threads keep in their stocks of such a
+/// beancounter is taken back first (it is charged, not in use).
 ///
 /// A beancounter whose last handle is dropped while objects are still charged to it stays
 /// (so a later [`find_or_create`] of its id finds the same counters) until this runs, or
@@ -614,6 +623,8 @@ pub fn register_resource(name: &'static str) -> Result<Resource, BcError> {
 /// # }
 /// ```
 pub fn reap() -> u32 {
+    // Stocks threads keep of a beancounter nobody refers to would keep it charged.
+    stock_table::reclaim_unreferenced();
     registry().reap()
 }
 

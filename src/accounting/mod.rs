@@ -14,6 +14,9 @@ pub(crate) mod context;
 pub(crate) mod future;
 #[cfg(not(beancounter_loom))]
 pub(crate) mod handle;
+pub(crate) mod reclaim;
 #[cfg(not(beancounter_loom))]
 pub(crate) mod spawn;
 pub(crate) mod stock;
+#[cfg(not(beancounter_loom))]
+pub(crate) mod stock_table;

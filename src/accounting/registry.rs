@@ -91,6 +91,8 @@ pub(crate) struct Slot {
     id: AtomicU32,
     /// Parent slot index, `NO_PARENT` for top level; the next free slot while free.
     link: AtomicU32,
+    /// Live children (zombies included); changed under the registry lock.
+    children: AtomicU32,
     counters: [ResourceCounter; NUM_RESOURCES],
 }
 
@@ -116,6 +118,7 @@ impl Slot {
                 state: AtomicU64::new(pack(0, true, 1)),
                 id: AtomicU32::new(0),
                 link: AtomicU32::new(NO_PARENT),
+                children: AtomicU32::new(0),
                 counters: counters!(MAX),
             }
         }
@@ -128,6 +131,7 @@ impl Slot {
             state: AtomicU64::new(0),
             id: AtomicU32::new(0),
             link: AtomicU32::new(0),
+            children: AtomicU32::new(0),
             counters: counters!(0),
         }
     }
@@ -260,7 +264,9 @@ impl Registry {
         slot.id.store(id.0, Ordering::Relaxed);
         slot.link.store(link, Ordering::Relaxed);
         if link != NO_PARENT {
-            self.take_ref(self.slot(link));
+            let parent = self.slot(link);
+            self.take_ref(parent);
+            parent.children.fetch_add(1, Ordering::Relaxed);
         }
         slot.state.store(pack(gen, true, 1), Ordering::Release);
         inner.insert(id.0, index);
@@ -282,16 +288,28 @@ impl Registry {
     /// Takes one more reference on a slot the caller already references.
     #[inline]
     pub(crate) fn retain(&self, index: u32) {
+        self.retain_n(index, 1);
+    }
+
+    /// Takes `n` more references at once (one atomic operation: a guard that sets both
+    /// exec and fork takes two).
+    #[inline]
+    pub(crate) fn retain_n(&self, index: u32, n: u64) {
         if index != ROOT {
-            self.take_ref(self.slot(index));
+            self.take_refs(self.slot(index), n);
         }
     }
 
     #[inline]
     fn take_ref(&self, slot: &Slot) {
-        let prev = slot.state.fetch_add(1, Ordering::Relaxed);
+        self.take_refs(slot, 1);
+    }
+
+    #[inline]
+    fn take_refs(&self, slot: &Slot, n: u64) {
+        let prev = slot.state.fetch_add(n, Ordering::Relaxed);
         debug_assert!(prev & LIVE != 0);
-        if refs(prev) >= REFS - 1 {
+        if refs(prev) >= REFS - n {
             // 2^31 references means references are being leaked; continuing would wrap
             // into the LIVE bit. Like `Arc`, stop the process rather than corrupt it.
             std::process::abort();
@@ -301,12 +319,18 @@ impl Registry {
     /// Drops one reference; the last one frees the slot unless something is still charged.
     #[inline]
     pub(crate) fn release(&self, index: u32) {
+        self.release_n(index, 1);
+    }
+
+    /// Drops `n` references at once.
+    #[inline]
+    pub(crate) fn release_n(&self, index: u32, n: u64) {
         if index == ROOT {
             return;
         }
-        let prev = self.slot(index).state.fetch_sub(1, Ordering::Release);
-        debug_assert!(refs(prev) > 0 && prev & LIVE != 0);
-        if refs(prev) == 1 {
+        let prev = self.slot(index).state.fetch_sub(n, Ordering::Release);
+        debug_assert!(refs(prev) >= n && prev & LIVE != 0);
+        if refs(prev) == n {
             self.release_slow(index, generation(prev));
         }
     }
@@ -341,6 +365,7 @@ impl Registry {
             if parent == NO_PARENT {
                 return;
             }
+            self.slot(parent).children.fetch_sub(1, Ordering::Relaxed);
             let prev = self.slot(parent).state.fetch_sub(1, Ordering::Release);
             if refs(prev) != 1 {
                 return;
@@ -543,6 +568,18 @@ impl Registry {
         }
     }
 
+    /// Does `index` have children (live, or zombies still charged)?
+    pub(crate) fn has_children(&self, index: u32) -> bool {
+        self.slot(index).children.load(Ordering::Relaxed) != 0
+    }
+
+    /// Is `index` a beancounter no handle, context or child refers to any more, kept only
+    /// because something is still charged to it (a zombie)?
+    pub(crate) fn is_unreferenced(&self, index: u32) -> bool {
+        let state = self.slot(index).state.load(Ordering::Acquire);
+        index != ROOT && state & LIVE != 0 && refs(state) == 0
+    }
+
     /// Is `of` the beancounter `index` or one of its descendants?
     pub(crate) fn is_self_or_descendant(&self, of: u32, index: u32) -> bool {
         let mut at = of;
@@ -706,6 +743,9 @@ impl Registry {
             }
             if refs(state) < children {
                 return Err("a parent has fewer references than live children");
+            }
+            if slot.children.load(Ordering::Relaxed) as u64 != children {
+                return Err("a parent's child count differs from its live children");
             }
         }
         if live != inner.live {

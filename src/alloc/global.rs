@@ -8,8 +8,9 @@
 //! ```text
 //! alloc(layout)                          size ≤ 32 KiB and align ≤ 4 KiB: a slab object
 //! ├─ context::exec_index()               TLS read: the exec beancounter's slot index
-//! ├─ stock::try_charge_object(bc, class size) → no stock yet: charge_object_slow
-//! │  └─ (no stock yet) claim a stock slot, charge size + one batch to bc and its ancestors
+//! ├─ stock::try_charge_object(bc, class size) → no entry for bc yet: charge_object_slow
+//! │  └─ claim a stock slot (first time), charge size + one batch to bc and its ancestors
+//! │     into the slot's entry for bc
 //! ├─ thread_cache::alloc(class)          TLS heap is the static empty heap: its bin's
 //! │  │                                   current slab is the static empty slab → pop fails
 //! │  └─ Err(Uninit)
@@ -29,7 +30,8 @@
 //! dealloc(p, layout)                     on another thread
 //! ├─ page_map: mask p to its segment → page → run → slab at the run's end
 //! ├─ tag = slab.tag(p)                   whoever was charged, whatever thread allocated
-//! ├─ stock::try_uncharge_object(tag, size) into this thread's stock if it stocks `tag`,
+//! ├─ stock::try_uncharge_object(tag, size) into this thread's entry for `tag` (if it is
+//! │                                      `tag`'s or empty),
 //! │                                      else straight to the beancounter
 //! └─ thread_cache::free(slab, p)         slab.owner ≠ this heap → one CAS onto the slab's
 //!                                        remote list; if the owner had parked the slab as
@@ -57,7 +59,7 @@ use super::slab::{self, Slab};
 use super::thread_cache::{self, AllocError};
 use crate::accounting::stock::GiveBack;
 use crate::accounting::types::{Resource, Severity};
-use crate::accounting::{context, handle, stock};
+use crate::accounting::{context, handle, stock_table as stock};
 use crate::os::PAGE;
 use crate::sync::{AtomicU32, Ordering};
 use core::alloc::{GlobalAlloc, Layout};
@@ -146,7 +148,7 @@ fn allocate_for(bc: u32, severity: Severity, layout: Layout, zero: bool) -> *mut
     }
 }
 
-/// The fast path of a slab object: stock subtract, slab pop, tag store. Everything that
+/// The fast path of a slab object: stock subtract, slab pop, tag check. Everything that
 /// can call out is a tail call to a cold function, so the fast path keeps nothing live
 /// across a call and needs no stack frame.
 #[inline]

@@ -504,6 +504,11 @@ impl Shared {
 
     /// Takes a fresh block into the ledger: checks its alignment, writes its canary.
     fn adopt(&self, p: *mut u8, layout: Layout, owner: usize) -> Block {
+        self.adopt_charged(p, layout, owner, charge_of(layout))
+    }
+
+    /// [`adopt`](Self::adopt) for a block charged `charge` bytes of `Memory`.
+    fn adopt_charged(&self, p: *mut u8, layout: Layout, owner: usize, charge: u64) -> Block {
         if p as usize % layout.align() != 0 {
             fail!("{p:p} is not aligned for {layout:?}");
         }
@@ -520,7 +525,7 @@ impl Shared {
             layout,
             tag,
             owner,
-            charge: charge_of(layout),
+            charge,
         };
         self.ledger(owner, b.charge as i64, 1);
         b
@@ -567,7 +572,16 @@ impl Shared {
         self.ledger(b.owner, -(b.charge as i64), -1);
         self.tally.add(Count::Realloc, 1);
         let layout = Layout::from_size_align(new_size, b.layout.align()).unwrap();
-        Ok(self.adopt(q, layout, owner))
+        // A slab object resized in place (within its class, or shrunk by at most half)
+        // keeps the charge of the class it occupies.
+        let small = |l: Layout| l.size() <= 32 * KIB && l.align() <= 4 * KIB;
+        let in_place = q == b.p.0 && small(b.layout) && small(layout);
+        let charge = if in_place {
+            b.charge
+        } else {
+            charge_of(layout)
+        };
+        Ok(self.adopt_charged(q, layout, owner, charge))
     }
 
     /// `Vec::try_reserve_exact(n)` inside `beancounter::fallible` for tenant `owner` (the

@@ -1,0 +1,292 @@
+//! A3: the process's stock slots and the calling thread's own; what the allocator calls to
+//! charge and uncharge objects through the stock, and what `stat` and reclaimers read.
+//!
+//! A thread claims a slot at its first charge: one mapping of its own (a `StockSlot` and
+//! its entries), kept in a table of [`SLOTS`] pointers and reused by later threads once
+//! this one exits. More threads than slots, or a kernel without `membarrier`, charge
+//! directly.
+
+use super::handle::registry;
+use super::reclaim::{membarrier, reclaim, Target};
+use super::stock::{charge_pair, charge_pair_counted, charge_pair_undo, GiveBack, StockSlot};
+use super::stock::{ALLOCATIONS, MEMORY, NONE};
+use super::types::{Exceeded, Severity, MAX_DEPTH};
+use crate::sync::{AtomicPtr, AtomicUsize, Mutex, Ordering};
+use core::cell::Cell;
+use core::ptr;
+
+/// Threads that can hold a stock at once; more threads charge directly.
+const SLOTS: usize = 16 << 10;
+
+/// `next_free` of a slot that a thread owns.
+const IN_USE: u32 = u32::MAX - 1;
+
+struct Table {
+    /// Slots at or above `hwm` were never used.
+    hwm: usize,
+    /// Head of the free list of slots (through `next_free`), `NONE` if empty.
+    free: u32,
+}
+
+static TABLE: Mutex<Table> = Mutex::new(Table { hwm: 0, free: NONE });
+/// The slots: each a mapping of its own, made when first claimed, never unmapped.
+static SLOT_PTRS: [AtomicPtr<StockSlot>; SLOTS] =
+    [const { AtomicPtr::new(ptr::null_mut()) }; SLOTS];
+/// `Table::hwm`, readable without the lock by `stocked` and reclaimers.
+static HWM: AtomicUsize = AtomicUsize::new(0);
+/// Serialises reclaimers (each locks many slots).
+static RECLAIM: Mutex<()> = Mutex::new(());
+
+/// Not claimed yet.
+const UNCLAIMED: *const StockSlot = ptr::null();
+/// No stock for this thread (table full, or the thread is exiting): charge directly.
+const DIRECT: *const StockSlot = ptr::dangling();
+
+thread_local! {
+    static MINE: Cell<*const StockSlot> = const { Cell::new(UNCLAIMED) };
+}
+
+/// This thread's slot, if it has one.
+#[inline]
+fn mine() -> Option<&'static StockSlot> {
+    let s = MINE.try_with(|m| m.get()).unwrap_or(DIRECT);
+    if s == UNCLAIMED || s == DIRECT {
+        return None;
+    }
+    // SAFETY: a claimed slot, which is never unmapped, used by this thread as owner until
+    // it exits.
+    Some(unsafe { &*s })
+}
+
+fn all_slots() -> impl Iterator<Item = &'static StockSlot> + Clone {
+    let hwm = HWM.load(Ordering::Acquire);
+    (0..hwm).map(|i| {
+        // SAFETY: `i < hwm`: the slot was mapped and initialised before `hwm` grew past it
+        // (Release store in `claim`, Acquire load above), and is never unmapped.
+        unsafe { &*SLOT_PTRS[i].load(Ordering::Acquire) }
+    })
+}
+
+fn claim() -> *const StockSlot {
+    membarrier::register();
+    if !membarrier::available() {
+        // Reclaimers could not fence owners: no stocks, every charge goes direct.
+        return DIRECT;
+    }
+    let mut t = TABLE.lock();
+    let index = if t.free != NONE {
+        let i = t.free as usize;
+        // SAFETY: free-list entries are below `hwm`: mapped slots.
+        t.free = unsafe { &*SLOT_PTRS[i].load(Ordering::Relaxed) }
+            .next_free
+            .load(Ordering::Relaxed);
+        i
+    } else if t.hwm < SLOTS {
+        let Some(at) = crate::os::map(core::mem::size_of::<StockSlot>()) else {
+            return DIRECT;
+        };
+        let at = at.as_ptr().cast::<StockSlot>();
+        // SAFETY: a fresh mapping of the slot's size, page-aligned; nobody reads it before
+        // `hwm` grows past it.
+        unsafe { at.write(StockSlot::new(t.hwm as u32)) };
+        SLOT_PTRS[t.hwm].store(at, Ordering::Release);
+        t.hwm += 1;
+        HWM.store(t.hwm, Ordering::Release);
+        t.hwm - 1
+    } else {
+        return DIRECT;
+    };
+    // SAFETY: `index < hwm`, a slot nobody owns; this thread takes it.
+    let slot = unsafe { &*SLOT_PTRS[index].load(Ordering::Relaxed) };
+    slot.next_free.store(IN_USE, Ordering::Relaxed);
+    slot
+}
+
+/// Charges `bytes` of `Memory` and one of `Allocations` to slot `bc` for a new object,
+/// from this thread's stock, or returns false (then call [`charge_object_slow`]). Calls
+/// nothing, so that the allocator's fast path needs no stack frame.
+#[inline]
+pub(crate) fn try_charge_object(bc: u32, bytes: u64, severity: Severity) -> bool {
+    severity == Severity::Limit && mine().is_some_and(|s| s.try_consume(bc, bytes))
+}
+
+/// Charges a new object when [`try_charge_object`] could not: refills the stock, or
+/// charges directly; a refusal is counted.
+#[cold]
+#[inline(never)]
+pub(crate) fn charge_object_slow(bc: u32, bytes: u64, severity: Severity) -> Result<(), Exceeded> {
+    let reg = registry();
+    if MINE.try_with(|m| m.get()).unwrap_or(DIRECT) == UNCLAIMED {
+        let s = claim();
+        let _ = MINE.try_with(|m| m.set(s));
+    }
+    let first = match mine() {
+        Some(s) => s.charge_slow(reg, bc, bytes, severity),
+        None => charge_pair_counted(reg, bc, bytes, 1, severity, false),
+    };
+    first.or_else(|e| reclaim_and_retry(e, bc, bytes, 1, severity))
+}
+
+/// Charges a block directly (no stock): `mem` bytes and `objs` objects.
+pub(crate) fn charge_block(
+    bc: u32,
+    mem: u64,
+    objs: u64,
+    severity: Severity,
+) -> Result<(), Exceeded> {
+    charge_pair_counted(registry(), bc, mem, objs, severity, false)
+        .or_else(|e| reclaim_and_retry(e, bc, mem, objs, severity))
+}
+
+/// After a tentative refusal: takes back every stock of the refusing level and retries.
+/// The retry can be refused higher up, by an ancestor whose headroom stocks in other
+/// subtrees hold (they were not the refusing level's), so this repeats for each new
+/// refusing level, at most once per level of the hierarchy; a level that refuses again
+/// after its stocks were taken back refuses for real. The last attempt's refusal is the
+/// one that counts.
+#[cold]
+fn reclaim_and_retry(
+    first: Exceeded,
+    bc: u32,
+    mem: u64,
+    objs: u64,
+    severity: Severity,
+) -> Result<(), Exceeded> {
+    let reg = registry();
+    if severity != Severity::Force {
+        let mut refused = first.id;
+        for _ in 0..=MAX_DEPTH {
+            let Some(target) = reg.index_of(refused, bc) else {
+                break;
+            };
+            reclaim_all(target);
+            match charge_pair_counted(reg, bc, mem, objs, severity, false) {
+                Ok(()) => return Ok(()),
+                Err(e) if e.id == refused => break,
+                Err(e) => refused = e.id,
+            }
+        }
+    }
+    charge_pair(reg, bc, mem, objs, severity)
+}
+
+/// Takes back every stock held for `target` or its descendants, this thread's included.
+pub(crate) fn reclaim_all(target: u32) -> usize {
+    let reg = registry();
+    let _one_at_a_time = RECLAIM.lock();
+    reclaim(reg, all_slots(), mine(), Target::of(reg, target))
+}
+
+/// Takes back every stock held for a beancounter that no handle or context refers to
+/// any more, so that it can be freed once its objects are.
+pub(crate) fn reclaim_unreferenced() -> usize {
+    let _one_at_a_time = RECLAIM.lock();
+    reclaim(registry(), all_slots(), mine(), Target::Unreferenced)
+}
+
+/// Gives back what a freed object was charged: into this thread's stock if it holds that
+/// beancounter, else to the beancounter directly.
+#[inline]
+pub(crate) fn uncharge_object(bc: u32, bytes: u64) {
+    let done = try_uncharge_object(bc, bytes);
+    if done != GiveBack::Done {
+        uncharge_object_slow(done, bc, bytes);
+    }
+}
+
+/// The fast path of [`uncharge_object`]: puts the charge into this thread's entry for the
+/// object's beancounter. Anything but `Done` must be passed to [`uncharge_object_slow`].
+/// Calls nothing.
+#[inline]
+pub(crate) fn try_uncharge_object(bc: u32, bytes: u64) -> GiveBack {
+    match mine() {
+        Some(s) => s.try_give_back(bc, bytes),
+        None => GiveBack::NotMine,
+    }
+}
+
+/// Finishes [`try_uncharge_object`]: trims the entry it overfilled, or uncharges directly
+/// what it could not take.
+#[cold]
+#[inline(never)]
+pub(crate) fn uncharge_object_slow(outcome: GiveBack, bc: u32, bytes: u64) {
+    match (outcome, mine()) {
+        (GiveBack::Done, _) => {}
+        (GiveBack::Trim, Some(s)) => s.trim(registry(), bc),
+        _ => charge_pair_undo(registry(), bc, bytes),
+    }
+}
+
+/// Drains this thread's stock.
+pub(crate) fn drain_current() {
+    if let Some(s) = mine() {
+        s.drain(registry());
+    }
+}
+
+/// Thread exit: drains the stock, frees the slot, and makes later charges of this thread
+/// direct.
+pub(crate) fn thread_exit() {
+    let s = mine();
+    let _ = MINE.try_with(|m| m.set(DIRECT));
+    let Some(slot) = s else { return };
+    slot.drain(registry());
+    let mut t = TABLE.lock();
+    slot.next_free.store(t.free, Ordering::Relaxed);
+    t.free = slot.index;
+}
+
+/// What stocks hold of counter `ri` for beancounter `index` (its own and those of its
+/// descendants, which were charged to it too): charged, but not in use.
+pub(crate) fn stocked(index: u32, ri: usize) -> u64 {
+    if ri != MEMORY && ri != ALLOCATIONS {
+        return 0;
+    }
+    let reg = registry();
+    let leaf = !reg.has_children(index);
+    all_slots().map(|s| s.stocked(reg, index, ri, leaf)).sum()
+}
+
+/// Around `fork()`: takes the reclaim and table locks and every slot's lock, and waits
+/// for every owner to leave its fast path, so the child inherits stocks that agree with
+/// the counters.
+pub(crate) fn lock_for_fork() {
+    core::mem::forget(RECLAIM.lock());
+    core::mem::forget(TABLE.lock());
+    for s in all_slots() {
+        s.lock();
+        s.steal.store(1, Ordering::Relaxed);
+    }
+    super::reclaim::reclaimer_fence();
+    for s in all_slots() {
+        while s.busy.load(Ordering::Acquire) != 0 {
+            super::reclaim::spin();
+        }
+    }
+}
+
+/// Releases what [`lock_for_fork`] took. In the child, the stocks of threads that do
+/// not exist there are given back to their beancounters and their slots freed.
+///
+/// # Safety
+/// Only after `lock_for_fork`, in the parent (`child == false`) or the child.
+pub(crate) unsafe fn unlock_after_fork(child: bool) {
+    let me = MINE.try_with(|m| m.get()).unwrap_or(DIRECT);
+    // SAFETY: `lock_for_fork` took the table lock; its guard was forgotten, and in the
+    // child this is the only thread, so nothing else can touch the table.
+    let t = unsafe { &mut *TABLE.data_ptr() };
+    for (i, s) in all_slots().enumerate() {
+        if child && !ptr::eq(s, me) && s.next_free.load(Ordering::Relaxed) == IN_USE {
+            s.drain_locked(registry());
+            s.next_free.store(t.free, Ordering::Relaxed);
+            t.free = i as u32;
+        }
+        s.steal.store(0, Ordering::Release);
+        s.unlock();
+    }
+    // SAFETY: locked by `lock_for_fork`, guards forgotten.
+    unsafe {
+        TABLE.force_unlock();
+        RECLAIM.force_unlock();
+    }
+}
