@@ -116,10 +116,7 @@ pub(crate) fn try_charge_object(bc: u32, bytes: u64, severity: Severity) -> bool
 #[inline(never)]
 pub(crate) fn charge_object_slow(bc: u32, bytes: u64, severity: Severity) -> Result<(), Exceeded> {
     let reg = registry();
-    if MINE.try_with(|m| m.get()).unwrap_or(DIRECT) == UNCLAIMED {
-        let s = claim();
-        let _ = MINE.try_with(|m| m.set(s));
-    }
+    claim_mine();
     let first = match mine() {
         Some(s) => s.charge_slow(reg, bc, bytes, severity),
         None => charge_pair_counted(reg, bc, bytes, 1, severity, false),
@@ -210,11 +207,27 @@ pub(crate) fn try_uncharge_object(bc: u32, bytes: u64) -> GiveBack {
 #[cold]
 #[inline(never)]
 pub(crate) fn uncharge_object_slow(outcome: GiveBack, bc: u32, bytes: u64) {
+    if outcome == GiveBack::NotMine && claim_mine() {
+        // A thread that frees before it ever allocates (a consumer) gets its stock now.
+        if let outcome @ (GiveBack::Done | GiveBack::Trim) = try_uncharge_object(bc, bytes) {
+            return uncharge_object_slow(outcome, bc, bytes);
+        }
+    }
     match (outcome, mine()) {
         (GiveBack::Done, _) => {}
         (GiveBack::Trim, Some(s)) => s.trim(registry(), bc),
         _ => charge_pair_undo(registry(), bc, bytes),
     }
+}
+
+/// Claims a slot for this thread if it has not tried yet; true if it got one now.
+fn claim_mine() -> bool {
+    if MINE.try_with(|m| m.get()).unwrap_or(DIRECT) != UNCLAIMED {
+        return false;
+    }
+    let s = claim();
+    let _ = MINE.try_with(|m| m.set(s));
+    s != DIRECT
 }
 
 /// Drains this thread's stock.

@@ -33,9 +33,11 @@
 //! ├─ stock::try_uncharge_object(tag, size) into this thread's entry for `tag` (if it is
 //! │                                      `tag`'s or empty),
 //! │                                      else straight to the beancounter
-//! └─ thread_cache::free(slab, p)         slab.owner ≠ this heap → one CAS onto the slab's
-//!                                        remote list; if the owner had parked the slab as
-//!                                        full, push the slab onto the owner's return stack
+//! └─ thread_cache::free(slab, p)         slab.owner ≠ this heap → into this thread's
+//!                                        outbox for the owning heap; every 64 objects
+//!                                        (or at this thread's next refill) one CAS hands
+//!                                        the batch to that heap's inbox, and the owner
+//!                                        frees them into their slabs at its next refill
 //! ```
 //!
 //! # Charging rules

@@ -1,32 +1,31 @@
-//! L2: the lock-free list other threads free a slab's objects into, and the stack of slabs
-//! handed back to their owner.
+//! L2: frees from other threads, batched: a thread that frees objects of another thread's
+//! heap gathers them in an *outbox* for that heap and hands them over a batch at a time
+//! into the heap's *inbox*, one compare-and-swap per batch rather than per object.
 //!
-//! A slab's remote list is one word: the head of a list of freed objects (linked through
-//! their first word) in the high bits, and a state in the low two bits (objects are at least
-//! 8-byte aligned):
+//! ```text
+//! freeing thread                              owning heap
+//! outboxes[hash(heap)]: head → … → tail       inbox: one word, a stack of chains
+//!   add(object): link it, count it  (plain)
+//!   flush(): tail.next = inbox; CAS inbox ──▶ take(): swap inbox with null (Acquire),
+//!            head (Release)                   then free each object into its slab
+//! ```
 //!
-//! | state | meaning | a remote free… |
-//! |---|---|---|
-//! | `NORMAL` | the owner will look at this slab again | pushes the object |
-//! | `PARKED` | the owner set the slab aside as full and will not look again | pushes the object, sets `NOTIFIED`, and hands the slab back to the owner |
-//! | `NOTIFIED` | the slab was handed back; the owner will collect it | pushes the object |
+//! A batch goes out when it holds [`BATCH`] objects, when its outbox is wanted for another
+//! heap, at the freeing thread's next slow path (a bin refill), and when the thread exits.
+//! So a thread holds at most `OUTBOXES × (BATCH − 1)` objects of other heaps between its
+//! slow paths; they stay counted in their slabs' `used` meanwhile, which is all the owner
+//! needs to know (the charge was already given back when the object was freed).
 //!
-//! Park and notify race on the same word, so exactly one of them wins: either the owner
-//! parks an empty list, and the first free after it hands the slab back, or a free lands
-//! first and the owner collects it instead of parking. A slab is therefore never stranded
-//! full of free objects. The owner takes the whole list with one swap, which also resets
-//! the state to `NORMAL`.
-//!
-//! Ordering: a pusher writes the object's link and then publishes it with a Release CAS;
-//! the owner's Acquire swap makes every link it walks visible.
+//! The inbox is a Treiber stack whose only consumer takes everything at once, so there is
+//! no ABA. Ordering: a freeing thread writes the chain's links, then publishes the chain
+//! with a Release CAS; the owner's Acquire swap makes every link it walks visible.
 
-use crate::sync::{AtomicPtr, AtomicUsize, Ordering};
+use crate::sync::{AtomicPtr, Ordering};
+use core::cell::Cell;
 use core::ptr;
 
-const STATE: usize = 0b11;
-const NORMAL: usize = 0;
-const PARKED: usize = 1;
-const NOTIFIED: usize = 2;
+/// Objects an outbox gathers before it hands them over: one CAS per 64 remote frees.
+pub(crate) const BATCH: u32 = 64;
 
 /// A free object, linked through its first word.
 #[repr(C)]
@@ -34,108 +33,30 @@ pub(crate) struct Block {
     pub(crate) next: *mut Block,
 }
 
-/// The remote-free word of one slab.
-pub(crate) struct RemoteList {
-    word: AtomicUsize,
+/// A heap's inbox: chains of objects other threads freed, for the owner to take back.
+pub(crate) struct Inbox {
+    head: AtomicPtr<Block>,
 }
 
-impl RemoteList {
+impl Inbox {
     pub(crate) const fn new() -> Self {
-        RemoteList {
-            word: AtomicUsize::new(NORMAL),
-        }
-    }
-
-    /// Pushes a freed object. Returns true if the slab was parked: the caller must then
-    /// hand the slab back to its owner (exactly one pusher gets true per parking).
-    ///
-    /// # Safety
-    /// `block` is a freed object of this slab that nobody else uses, at least 8-aligned.
-    #[inline]
-    pub(crate) unsafe fn push(&self, block: *mut Block) -> bool {
-        let mut cur = self.word.load(Ordering::Relaxed);
-        loop {
-            let state = cur & STATE;
-            // SAFETY: the caller owns `block`; the link is published by the CAS below.
-            unsafe { (*block).next = (cur & !STATE) as *mut Block };
-            let new_state = if state == PARKED { NOTIFIED } else { state };
-            match self.word.compare_exchange_weak(
-                cur,
-                block as usize | new_state,
-                Ordering::Release,
-                Ordering::Relaxed,
-            ) {
-                Ok(_) => return state == PARKED,
-                Err(actual) => cur = actual,
-            }
-        }
-    }
-
-    /// Owner: takes every object freed remotely (null if none) and resets the state.
-    #[inline]
-    pub(crate) fn take(&self) -> *mut Block {
-        if self.word.load(Ordering::Relaxed) & !STATE == 0 {
-            // Nothing to take; keep a PARKED/NOTIFIED state as it is.
-            return ptr::null_mut();
-        }
-        (self.word.swap(NORMAL, Ordering::Acquire) & !STATE) as *mut Block
-    }
-
-    /// Owner: sets a full slab aside. Fails (returns false) if an object was freed into it
-    /// meanwhile; the owner then takes that instead.
-    pub(crate) fn park(&self) -> bool {
-        self.word
-            .compare_exchange(NORMAL, PARKED, Ordering::AcqRel, Ordering::Relaxed)
-            .is_ok()
-    }
-
-    /// Owner: takes a parked slab back before any remote free. Fails if a remote free
-    /// already handed it back (it is then on, or on its way to, the returned stack).
-    pub(crate) fn unpark(&self) -> bool {
-        self.word
-            .compare_exchange(PARKED, NORMAL, Ordering::AcqRel, Ordering::Relaxed)
-            .is_ok()
-    }
-
-    /// Owner: resets a handed-back slab to `NORMAL`, taking what was freed into it.
-    pub(crate) fn take_returned(&self) -> *mut Block {
-        (self.word.swap(NORMAL, Ordering::Acquire) & !STATE) as *mut Block
-    }
-}
-
-/// A Treiber stack of items handed back to an owner; many pushers, one taker that takes
-/// everything at once (so no ABA: nothing is ever popped singly).
-pub(crate) struct ReturnStack<T> {
-    head: AtomicPtr<T>,
-}
-
-/// Items kept on a [`ReturnStack`] link through a field of their own.
-pub(crate) trait Linked {
-    /// # Safety
-    /// `this` must point to a live item.
-    unsafe fn set_link(this: *mut Self, next: *mut Self);
-    /// # Safety
-    /// `this` must point to a live item.
-    unsafe fn link(this: *mut Self) -> *mut Self;
-}
-
-impl<T: Linked> ReturnStack<T> {
-    pub(crate) const fn new() -> Self {
-        ReturnStack {
+        Inbox {
             head: AtomicPtr::new(ptr::null_mut()),
         }
     }
 
+    /// Pushes the chain `first..=last` (linked through `Block::next`).
+    ///
     /// # Safety
-    /// `item` is live and on no stack.
-    pub(crate) unsafe fn push(&self, item: *mut T) {
+    /// The chain is freed objects, 8-aligned, that nobody else uses, and `last` ends it.
+    pub(crate) unsafe fn push(&self, first: *mut Block, last: *mut Block) {
         let mut cur = self.head.load(Ordering::Relaxed);
         loop {
-            // SAFETY: the caller hands `item` over; the link is published by the CAS.
-            unsafe { T::set_link(item, cur) };
+            // SAFETY: the caller owns the chain; the link is published by the CAS below.
+            unsafe { (*last).next = cur };
             match self
                 .head
-                .compare_exchange_weak(cur, item, Ordering::Release, Ordering::Relaxed)
+                .compare_exchange_weak(cur, first, Ordering::Release, Ordering::Relaxed)
             {
                 Ok(_) => return,
                 Err(actual) => cur = actual,
@@ -143,12 +64,79 @@ impl<T: Linked> ReturnStack<T> {
         }
     }
 
-    /// Takes every item (null if none); walk them with [`Linked::link`].
+    /// Owner: every object handed over so far (null if none), linked through `next`.
     #[inline]
-    pub(crate) fn take_all(&self) -> *mut T {
+    pub(crate) fn take(&self) -> *mut Block {
         if self.head.load(Ordering::Relaxed).is_null() {
             return ptr::null_mut();
         }
         self.head.swap(ptr::null_mut(), Ordering::Acquire)
+    }
+}
+
+/// A freeing thread's batch of objects for one heap. Used only by the thread that owns
+/// the heap the outbox belongs to.
+pub(crate) struct Outbox {
+    /// The heap the batch is for (its inbox), or null.
+    dest: Cell<*const Inbox>,
+    head: Cell<*mut Block>,
+    tail: Cell<*mut Block>,
+    count: Cell<u32>,
+}
+
+impl Outbox {
+    pub(crate) const fn new() -> Self {
+        Outbox {
+            dest: Cell::new(ptr::null()),
+            head: Cell::new(ptr::null_mut()),
+            tail: Cell::new(ptr::null_mut()),
+            count: Cell::new(0),
+        }
+    }
+
+    /// The inbox this outbox gathers for (null if none).
+    #[inline]
+    pub(crate) fn dest(&self) -> *const Inbox {
+        self.dest.get()
+    }
+
+    /// Adds freed object `block` for `dest`, which must be this outbox's destination or, if
+    /// the outbox is empty, becomes it. Returns true when the batch is full: flush it.
+    ///
+    /// # Safety
+    /// `block` is a freed object, 8-aligned, of a slab of the heap `dest` belongs to, that
+    /// nobody else uses; `dest` lives for good.
+    #[inline]
+    pub(crate) unsafe fn add(&self, dest: *const Inbox, block: *mut Block) -> bool {
+        debug_assert!(self.count.get() == 0 || self.dest.get() == dest);
+        let n = self.count.get();
+        // SAFETY: the caller gives `block` up; it joins this thread's private chain.
+        unsafe { (*block).next = self.head.get() };
+        if n == 0 {
+            self.tail.set(block);
+            self.dest.set(dest);
+        }
+        self.head.set(block);
+        self.count.set(n + 1);
+        n + 1 >= BATCH
+    }
+
+    /// Is nothing waiting here?
+    #[inline]
+    pub(crate) fn is_empty(&self) -> bool {
+        self.count.get() == 0
+    }
+
+    /// Hands the batch to its heap's inbox; the outbox is empty afterwards.
+    pub(crate) fn flush(&self) {
+        if self.count.get() == 0 {
+            return;
+        }
+        // SAFETY: the chain is objects this thread freed for `dest` (see `add`), linked by
+        // `add` from `head` to `tail`; inboxes live for good.
+        unsafe { (*self.dest.get()).push(self.head.get(), self.tail.get()) };
+        self.count.set(0);
+        self.head.set(ptr::null_mut());
+        self.tail.set(ptr::null_mut());
     }
 }

@@ -20,15 +20,16 @@
 //! with the old tag, `sole` becomes [`MIXED`], and from then on every object's tag is in
 //! the array, until the slab is empty again and the next object's tag becomes `sole`.
 //!
-//! Objects are handed out from `free` (objects freed by the owner, or collected from the
-//! remote list), then from `bump` (never used since the run was taken; these read as zero
-//! when the run was fresh from the OS, so `alloc_zeroed` can skip clearing them).
+//! Objects are handed out from `free` (objects freed by the owner, or by other threads
+//! and taken back through the owner's inbox, see `remote.rs`), then from `bump` (never
+//! used since the run was taken; these read as zero when the run was fresh from the OS, so
+//! `alloc_zeroed` can skip clearing them). Only the owner touches the free list.
 //!
 //! Invariant (owner's view; checked by [`Slab::check_invariants`]):
-//! `used + |free| + (capacity - bump) + |remote| == capacity`, where `|remote|` is what
-//! other threads freed and the owner has not collected yet.
+//! `used + |free| + (capacity - bump) == capacity`, where `used` counts the objects other
+//! threads freed and the owner has not taken back yet.
 
-use super::remote::{Block, Linked, RemoteList};
+use super::remote::Block;
 use super::run::RUN_PAYLOAD;
 use super::run::{self, Run};
 use super::size_class::{Class, CLASSES};
@@ -44,22 +45,23 @@ pub(crate) enum Place {
     Current,
     /// On its bin's list of slabs with free objects.
     Partial,
-    /// Set aside as full; a remote free hands it back.
-    Parked,
+    /// Full: on no list until one of its objects is freed back to the owner.
+    Full,
     /// Empty, kept by its bin for the next refill.
     Spare,
 }
 
 /// A slab's metadata, in its run's payload space in the segment header.
 ///
-/// Two cache lines: the first holds everything an allocation or a free by the owner reads
-/// and writes, with the owner's identity that every free compares (a random free touches
-/// the object, this line and the object's tag, nothing else); the second holds the list
-/// links of the owner's slow paths and the word other threads write on remote frees.
+/// Two cache lines. The first holds what every free reads, from any thread, and nobody
+/// writes while objects are out: the geometry, the owner's identity and the sole tag. The
+/// second holds what the owner writes on every allocation and local free. So a thread
+/// freeing another thread's objects reads a line that the owner, allocating meanwhile,
+/// does not keep taking away from it (a producer → consumer pair would otherwise move the
+/// line between cores on every object).
 #[repr(C, align(64))]
 pub(crate) struct Slab {
-    // First line: the owner's fast paths.
-    free: Cell<*mut Block>,
+    // First line: what every free reads, never written while objects are out.
     base: *mut u8,
     tags: *mut u32,
     magic: u64,
@@ -68,42 +70,34 @@ pub(crate) struct Slab {
     /// The tag of every object in use, or [`MIXED`] when the side array holds them. Written
     /// by the owner only; read by whoever frees an object.
     sole: AtomicU32,
-    used: Cell<u32>,
-    bump: Cell<u32>,
     capacity: u32,
     size: u32,
     class: u8,
+    _line: LineBreak,
+    // Second line: what the owner writes.
+    free: Cell<*mut Block>,
+    used: Cell<u32>,
+    bump: Cell<u32>,
     /// Objects from `bump` on read as zero.
     fresh: Cell<bool>,
     pub(crate) place: Cell<Place>,
-    // Second line: slow-path links, and the shared remote-free word.
     /// Bin list links (owner).
     pub(crate) next: Cell<*mut Slab>,
     pub(crate) prev: Cell<*mut Slab>,
-    pub(crate) remote: RemoteList,
-    /// Link on the owner's stack of handed-back slabs.
-    returned_next: Cell<*mut Slab>,
 }
 
-const _: () = assert!(core::mem::offset_of!(Slab, place) < 64);
-const _: () = assert!(core::mem::offset_of!(Slab, next) >= 64);
+/// A zero-sized field that starts a new cache line.
+#[repr(align(64))]
+struct LineBreak;
+
+const _: () = assert!(core::mem::offset_of!(Slab, class) < 64);
+const _: () = assert!(core::mem::offset_of!(Slab, free) >= 64);
 const _: () = assert!(core::mem::size_of::<Slab>() <= RUN_PAYLOAD);
 
 // SAFETY: owner fields are used only by the owning thread (or under the lock that stands
-// in for it); shared fields are atomics, or (`returned_next`) written only by the one
-// thread that wins the right to hand the slab back, before publishing it.
+// in for it); the fields other threads read (`owner`, `sole`, and the constant geometry)
+// are atomics or never change while the slab lives.
 unsafe impl Sync for Slab {}
-
-impl Linked for Slab {
-    unsafe fn set_link(this: *mut Self, next: *mut Self) {
-        // SAFETY: the caller guarantees `this` is live.
-        unsafe { (*this).returned_next.set(next) }
-    }
-    unsafe fn link(this: *mut Self) -> *mut Self {
-        // SAFETY: the caller guarantees `this` is live.
-        unsafe { (*this).returned_next.get() }
-    }
-}
 
 /// `sole` of a slab whose objects' tags are in the side array.
 pub(crate) const MIXED: u32 = u32::MAX;
@@ -122,14 +116,13 @@ pub(crate) static EMPTY: Slab = Slab {
     base: ptr::null_mut(),
     tags: ptr::null_mut(),
     class: 0,
+    _line: LineBreak,
     fresh: Cell::new(false),
     place: Cell::new(Place::Current),
     next: Cell::new(ptr::null_mut()),
     prev: Cell::new(ptr::null_mut()),
-    remote: RemoteList::new(),
     owner: AtomicUsize::new(0),
     sole: AtomicU32::new(UNTAGGED),
-    returned_next: Cell::new(ptr::null_mut()),
 };
 
 impl Slab {
@@ -153,14 +146,13 @@ impl Slab {
                 base,
                 tags: base.add(k.capacity as usize * k.size as usize) as *mut u32,
                 class: class as u8,
+                _line: LineBreak,
                 fresh: Cell::new(zeroed),
                 place: Cell::new(Place::Current),
                 next: Cell::new(ptr::null_mut()),
                 prev: Cell::new(ptr::null_mut()),
-                remote: RemoteList::new(),
                 owner: AtomicUsize::new(owner),
                 sole: AtomicU32::new(UNTAGGED),
-                returned_next: Cell::new(ptr::null_mut()),
             });
             &*at
         };
@@ -189,7 +181,7 @@ impl Slab {
         CLASSES[self.class as usize].pages as usize * PAGE
     }
 
-    /// Objects in use, those other threads freed and the owner has not collected included.
+    /// Objects in use, those other threads freed and the owner has not taken back included.
     #[inline]
     pub(crate) fn used(&self) -> u32 {
         self.used.get()
@@ -234,36 +226,6 @@ impl Slab {
         used
     }
 
-    /// Owner: moves objects freed by other threads onto `free`; returns how many.
-    pub(crate) fn collect(&self) -> u32 {
-        self.splice(self.remote.take())
-    }
-
-    /// Owner: the same for a slab handed back after parking.
-    pub(crate) fn collect_returned(&self) -> u32 {
-        self.splice(self.remote.take_returned())
-    }
-
-    fn splice(&self, list: *mut Block) -> u32 {
-        if list.is_null() {
-            return 0;
-        }
-        let mut n = 1;
-        let mut tail = list;
-        // SAFETY: the remote list holds freed objects of this slab, published with Release
-        // and taken with Acquire; they are the owner's now.
-        unsafe {
-            while !(*tail).next.is_null() {
-                tail = (*tail).next;
-                n += 1;
-            }
-            (*tail).next = self.free.get();
-        }
-        self.free.set(list);
-        self.used.set(self.used.get() - n);
-        n
-    }
-
     #[inline]
     fn index(&self, p: *const u8) -> usize {
         let off = (p as usize - self.base as usize) as u64;
@@ -295,8 +257,8 @@ impl Slab {
     pub(crate) fn retag(&self, p: *const u8, tag: u32) {
         let old = self.sole();
         if self.used.get() == 1 {
-            // No other object is in use or on its way back through the remote list (those
-            // still count in `used`): nobody can read the old tag any more.
+            // No other object is in use or on its way back from another thread (those still
+            // count in `used`): nobody can read the old tag any more.
             self.sole.store(tag, Ordering::Relaxed);
             return;
         }
@@ -333,7 +295,7 @@ impl Slab {
         unsafe { self.tags.add(self.index(p)).read() }
     }
 
-    /// The owner's invariant, for a slab whose remote list was just collected.
+    /// The owner's invariant.
     pub(crate) fn check_invariants(&self) -> Result<(), &'static str> {
         let handed_out = self.base as usize + self.bump.get() as usize * self.size as usize;
         let mut free = 0u32;
@@ -410,19 +372,18 @@ mod tests {
     }
 
     #[test]
-    fn an_object_freed_by_another_thread_keeps_its_tag_while_the_slab_mixes() {
+    fn an_object_on_its_way_back_keeps_its_tag_while_the_slab_mixes() {
         let s = Slab::create(class_of(64), 1).expect("a slab");
         let a = take(s, 2, 11);
-        // Counted in `used` until collected: a second tag must mix, not replace.
-        // SAFETY: an object of `s` handed out above, given up once.
-        assert!(!unsafe { s.remote.push(a[1].cast()) });
+        // a[1] freed by another thread and not taken back yet: still counted in `used`,
+        // so a second tag must mix the slab, not replace the first.
         give_back(s, &a[..1]);
-        assert_eq!(s.used(), 1, "the remote free is not collected yet");
+        assert_eq!(s.used(), 1);
         let b = take(s, 1, 12);
         assert_eq!(s.sole(), MIXED);
         assert_eq!(s.tag(a[1]), 11);
         assert_eq!(s.tag(b[0]), 12);
-        assert_eq!(s.collect(), 1);
+        give_back(s, &a[1..]);
         give_back(s, &b);
         assert_eq!(s.used(), 0);
         s.destroy();

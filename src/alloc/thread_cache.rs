@@ -1,6 +1,6 @@
-//! L3: per-thread heaps. One bin per size class, each with a current slab and a list of
-//! slabs that have free objects; refill from remote frees, handed-back slabs, or a new run;
-//! abandon at thread exit and reclaim by live threads.
+//! L3: per-thread heaps. One bin per size class, each with a current slab and a queue of
+//! slabs that have free objects; refill from objects other threads freed, the queue, a
+//! spare slab, or a new run; abandon at thread exit and reclaim by live threads.
 //!
 //! Call tree of a small allocation:
 //!
@@ -11,23 +11,25 @@
 //!    ├─ heap is DEAD   → the shared heap, under its lock
 //!    └─ Heap::refill(class)
 //!       ├─ run::decay_if_due()      purge runs freed a second ago (rarely anything)
-//!       ├─ drain_returned()         slabs handed back by remote frees
-//!       ├─ cur.collect()            objects other threads freed into the current slab
-//!       ├─ park cur, next partial   a full slab is set aside until a remote free
-//!       ├─ reclaim_abandoned()      empty slabs of exited threads back to the run layer
-//!       └─ Slab::create()           a new run
+//!       ├─ flush_outboxes()         hand other heaps the objects this thread freed of theirs
+//!       ├─ take_inbox()             take back what other threads freed of ours
+//!       ├─ cur, else next partial   a full slab goes on no list until a free reaches it
+//!       ├─ spare, else reclaim_abandoned() and Slab::create()   a new run
 //! ```
 //!
-//! A free by the owning thread pushes onto the slab's own list; by any other thread onto
-//! the slab's remote list (one CAS), which hands a parked slab back to its owner.
+//! A free by the owning thread pushes onto the slab's free list. A free by any other
+//! thread goes into that thread's outbox for the owning heap, and a batch at a time into
+//! the owner's inbox (`remote.rs`): one CAS per batch. The owner takes its inbox at its next
+//! refill and frees each object as if locally.
 //!
-//! Thread exit ([`abandon_current`]): empty slabs go back to the run layer, the rest stay
-//! with the heap, which goes on the abandoned list; a new thread adopts an abandoned heap
-//! whole before making a new one, and live threads collect abandoned heaps' remote frees
-//! (returning emptied slabs) whenever they need a new slab. Objects in abandoned slabs stay
-//! valid and can be freed from anywhere.
+//! Thread exit ([`abandon_current`]): the outboxes are flushed, empty slabs go back to the
+//! run layer, the rest stay with the heap, which goes on the abandoned list; a new thread
+//! adopts an abandoned heap whole before making a new one, and live threads take
+//! abandoned heaps' inboxes (returning emptied slabs) whenever they need a new slab.
+//! Objects in abandoned slabs stay valid and can be freed from anywhere.
 
-use super::remote::{Linked, ReturnStack};
+use super::page_map;
+use super::remote::{Block, Inbox, Outbox};
 use super::run::{self, Kind};
 use super::size_class::NUM_CLASSES;
 use super::slab::{self, Place, Slab};
@@ -109,9 +111,20 @@ impl Bin {
 
 /// Slabs linked from a heap are live runs; a null link is the end of a list.
 fn ptr_ref(p: *const Slab) -> Option<&'static Slab> {
-    // SAFETY: every non-null slab pointer kept in a bin list or handed back on a return
-    // stack points to the metadata of a slab run that is not freed while it is linked.
+    // SAFETY: every non-null slab pointer kept in a bin list points to the metadata of a
+    // slab run that is not freed while it is linked.
     unsafe { p.as_ref() }
+}
+
+/// Outboxes per heap: frees of objects of up to eight other heaps at a time are batched
+/// (a consumer thread usually frees for one or two producers).
+const OUTBOXES: usize = 8;
+
+/// The outbox of a heap for objects of heap `owner`.
+#[inline]
+fn outbox_index(owner: usize) -> usize {
+    // Heaps are page-aligned runs: mix the bits above the page offset.
+    ((owner >> 12) ^ (owner >> 21)) % OUTBOXES
 }
 
 /// Bytes of empty slabs a heap keeps for reuse before it gives them back to the run layer:
@@ -124,14 +137,20 @@ pub(crate) struct Heap {
     bins: [Bin; NUM_CLASSES],
     /// Bytes of the slabs on the bins' spare lists.
     spare_bytes: Cell<usize>,
-    /// Parked slabs handed back by remote frees.
-    returned: ReturnStack<Slab>,
+    /// Objects this thread freed of other heaps, batched per heap.
+    outboxes: [Outbox; OUTBOXES],
     /// Link on the abandoned list.
     next_abandoned: Cell<*mut Heap>,
+    /// Objects of this heap other threads freed; on its own cache line, which they write.
+    inbox: Padded<Inbox>,
 }
 
+/// Keeps what other threads write off the owner's lines.
+#[repr(align(64))]
+struct Padded<T>(T);
+
 // SAFETY: a heap's cells are used by its one owner thread (or under the lock that makes a
-// thread its temporary owner: the shared heap's, or the abandoned list's); `returned` is a
+// thread its temporary owner: the shared heap's, or the abandoned list's); `inbox` is a
 // lock-free stack.
 unsafe impl Sync for Heap {}
 
@@ -140,8 +159,9 @@ impl Heap {
         Heap {
             bins: [const { Bin::new() }; NUM_CLASSES],
             spare_bytes: Cell::new(0),
-            returned: ReturnStack::new(),
+            outboxes: [const { Outbox::new() }; OUTBOXES],
             next_abandoned: Cell::new(ptr::null_mut()),
+            inbox: Padded(Inbox::new()),
         }
     }
 
@@ -176,23 +196,26 @@ impl Heap {
     #[cold]
     #[inline(never)]
     fn refill(&self, class: usize) -> Option<(NonNull<u8>, &'static Slab, bool)> {
-        // A slow path: the time to give back memory that has not been used for a while.
+        // A slow path: the time to give back memory that has not been used for a while,
+        // and to trade objects freed across threads.
         run::decay_if_due();
-        self.drain_returned();
+        self.flush_outboxes();
+        self.take_inbox();
         let bin = &self.bins[class];
         let cur = ptr_ref(bin.cur.replace(&slab::EMPTY)).filter(|s| !ptr::eq(*s, &slab::EMPTY));
-        // The current slab first (what other threads freed into it), then slabs with free
-        // objects. A partial slab can turn out full: a heap adopted from an exited thread
-        // has its current slabs on the partial lists.
+        // The current slab first (objects taken back from the inbox may be in it), then
+        // slabs with free objects. A partial slab can turn out full: a heap adopted from an
+        // exited thread has its current slabs on the partial queues.
         for s in cur
             .into_iter()
             .chain(core::iter::from_fn(|| bin.pop_partial()))
         {
-            if let Some((p, z)) = Self::take_or_park(s) {
+            if let Some((p, z)) = s.pop() {
                 s.place.set(Place::Current);
                 bin.cur.set(s);
                 return Some((p, s, z));
             }
+            s.place.set(Place::Full);
         }
         let s = match bin.pop_spare() {
             Some(spare) => {
@@ -210,22 +233,6 @@ impl Heap {
         s.pop().map(|(p, z)| (p, s, z))
     }
 
-    /// Owner: an object of `s`, after collecting what other threads freed into it; or, if
-    /// it is full, `None` with `s` parked (set aside until a remote free hands it back).
-    fn take_or_park(s: &'static Slab) -> Option<(NonNull<u8>, bool)> {
-        loop {
-            s.collect();
-            if let Some(got) = s.pop() {
-                return Some(got);
-            }
-            if s.remote.park() {
-                s.place.set(Place::Parked);
-                return None;
-            }
-            // An object was freed into it just now: collect it.
-        }
-    }
-
     /// Owner: an empty slab (already off every list) goes on its bin's spare list, or back
     /// to the run layer once the heap keeps `SPARE_BYTES` of spares.
     fn retire(&self, s: &'static Slab) {
@@ -241,19 +248,41 @@ impl Heap {
         self.spare_bytes.set(self.spare_bytes.get() + bytes);
     }
 
-    /// Owner: puts slabs handed back by remote frees where they belong.
-    fn drain_returned(&self) {
-        let mut at = self.returned.take_all();
-        while let Some(s) = ptr_ref(at) {
-            // SAFETY: `at` came off this heap's return stack: a live slab of this heap.
-            at = unsafe { Slab::link(at) };
-            debug_assert_eq!(s.place.get(), Place::Parked);
-            s.collect_returned();
-            if s.used() == 0 {
-                self.retire(s);
-            } else {
-                self.bins[s.class()].push_partial(s);
-            }
+    /// Owner: frees, into their slabs, the objects other threads handed over.
+    fn take_inbox(&self) {
+        let mut at = self.inbox.0.take();
+        while !at.is_null() {
+            let p = at;
+            // SAFETY: the inbox holds freed objects of this heap's slabs, linked by the
+            // threads that freed them and published to this owner (see `remote.rs`).
+            at = unsafe { (*at).next };
+            let s = page_map::slab_of(p as *const u8);
+            self.free_local(s, p.cast());
+        }
+    }
+
+    /// Hands every outbox's batch to its heap.
+    fn flush_outboxes(&self) {
+        for ob in &self.outboxes {
+            ob.flush();
+        }
+    }
+
+    /// Frees object `p` of slab `s`, which another heap owns: into this heap's outbox for
+    /// that heap.
+    #[inline]
+    fn free_remote(&self, s: &'static Slab, owner: usize, p: *mut u8) {
+        // SAFETY: slab owners are heaps from `Heap::create`, never unmapped.
+        let dest = unsafe { &(*(owner as *const Heap)).inbox.0 } as *const Inbox;
+        let ob = &self.outboxes[outbox_index(owner)];
+        if ob.dest() != dest && !ob.is_empty() {
+            ob.flush();
+        }
+        debug_assert!(ptr::eq(page_map::slab_of(p), s));
+        // SAFETY: `p` is a freed object of `s`, whose heap's inbox is `dest` (classes are
+        // multiples of 8, so it is 8-aligned), given up by the caller.
+        if unsafe { ob.add(dest, p.cast::<Block>()) } {
+            ob.flush();
         }
     }
 
@@ -262,7 +291,7 @@ impl Heap {
     fn free_local(&self, s: &'static Slab, p: *mut u8) {
         // SAFETY: `p` is an object of `s` in use, and this heap owns `s`.
         let used = unsafe { s.push_local(p) };
-        if used == 0 || s.place.get() == Place::Parked {
+        if used == 0 || s.place.get() == Place::Full {
             self.free_local_slow(s, used);
         }
     }
@@ -272,9 +301,8 @@ impl Heap {
     fn free_local_slow(&self, s: &'static Slab, used: u32) {
         let bin = &self.bins[s.class()];
         match s.place.get() {
-            // Not parked any more: it has a free object. If a remote free got there first,
-            // the slab is on the return stack and `drain_returned` places it.
-            Place::Parked if s.remote.unpark() => {
+            // Not full any more: it has a free object.
+            Place::Full => {
                 if used == 0 {
                     self.retire(s);
                 } else {
@@ -290,10 +318,12 @@ impl Heap {
         }
     }
 
-    /// Owner: collects every slab's remote frees and gives empty slabs back; the current
-    /// slabs join the partial lists (for a heap whose thread exited).
+    /// Owner: hands over what this heap's thread freed of others, takes back what others
+    /// freed of it, and gives empty slabs back; the current slabs join the partial queues
+    /// (for a heap whose thread exited).
     fn collect_all(&self) {
-        self.drain_returned();
+        self.flush_outboxes();
+        self.take_inbox();
         for bin in &self.bins {
             self.spare_bytes
                 .set(self.spare_bytes.get() - bin.drop_spares());
@@ -304,7 +334,6 @@ impl Heap {
             let mut at = bin.partial.get();
             while let Some(s) = ptr_ref(at) {
                 at = s.next.get();
-                s.collect();
                 if s.used() == 0 {
                     bin.remove_partial(s);
                     s.destroy();
@@ -403,23 +432,28 @@ fn alloc_slow(
 #[inline]
 pub(crate) unsafe fn free(s: &'static Slab, p: *mut u8) {
     let heap = current();
-    if s.owner.load(Ordering::Relaxed) == heap.id() {
+    let owner = s.owner.load(Ordering::Relaxed);
+    if owner == heap.id() {
         heap.free_local(s, p);
     } else {
-        free_remote(s, p);
+        free_remote(heap, s, owner, p);
     }
 }
 
 #[inline(never)]
-fn free_remote(s: &'static Slab, p: *mut u8) {
-    // SAFETY: `p` is a freed object of `s` (8-aligned: classes are multiples of 8).
-    if unsafe { s.remote.push(p.cast()) } {
-        // We un-parked it: hand the slab back to its owner heap, which lives for good.
-        let owner = s.owner.load(Ordering::Relaxed) as *const Heap;
-        // SAFETY: slab owners are heaps from `Heap::create`, never unmapped; the slab was
-        // parked, so it is on no stack, and only this thread won the right to push it.
-        unsafe { (*owner).returned.push(s as *const Slab as *mut Slab) };
+fn free_remote(heap: &'static Heap, s: &'static Slab, owner: usize, p: *mut u8) {
+    if ptr::eq(heap, &EMPTY_HEAP) || ptr::eq(heap, &DEAD_HEAP) {
+        // A thread without a heap of its own (not started, or exiting) has no outboxes
+        // (those statics are shared): hand the object over alone.
+        // SAFETY: slab owners are heaps from `Heap::create`, never unmapped; `p` is a
+        // freed object of one of its slabs, 8-aligned, a chain of one.
+        unsafe {
+            let b = p.cast::<Block>();
+            (*(owner as *const Heap)).inbox.0.push(b, b);
+        }
+        return;
     }
+    heap.free_remote(s, owner, p);
 }
 
 /// Gives the current thread a heap: an abandoned one if any, else a new one. Returns false
@@ -509,16 +543,18 @@ pub(crate) unsafe fn unlock_after_fork() {
 /// The owner's invariants of every slab of the current thread's heap (for tests).
 pub(crate) fn check_current() -> Result<(), &'static str> {
     let heap = current();
-    heap.drain_returned();
+    if ptr::eq(heap, &EMPTY_HEAP) || ptr::eq(heap, &DEAD_HEAP) {
+        return Ok(());
+    }
+    heap.flush_outboxes();
+    heap.take_inbox();
     for bin in &heap.bins {
         let mut at = bin.partial.get();
         while let Some(s) = ptr_ref(at) {
-            s.collect();
             s.check_invariants()?;
             at = s.next.get();
         }
         if let Some(cur) = ptr_ref(bin.cur.get()) {
-            cur.collect();
             cur.check_invariants()?;
         }
     }
