@@ -48,6 +48,8 @@
 mod child;
 #[path = "programs/collections.rs"]
 mod collections;
+#[path = "programs/cross_thread.rs"]
+mod cross_thread;
 #[path = "programs/dispatch.rs"]
 mod dispatch;
 #[path = "programs/fragmentation.rs"]
@@ -89,6 +91,18 @@ static SWITCHING: Group = Group {
     name: "switching",
     columns: &["beancounter", "noswitch", "mimalloc", "jemalloc", "system"],
     ratios: &[("ours/noswitch", 0, 1), ("ours/mimalloc", 0, 2)],
+    rss_after: false,
+    geomean: false,
+};
+
+static CROSS_THREAD: Group = Group {
+    name: "cross_thread",
+    columns: ALLOCATORS,
+    ratios: &[
+        ("ours/mimalloc", 0, 2),
+        ("root/mimalloc", 1, 2),
+        ("ours/root", 0, 1),
+    ],
     rss_after: false,
     geomean: false,
 };
@@ -135,6 +149,22 @@ fn workloads() -> Vec<Workload> {
         program("regex_log", true, text::regex_log),
         program("parallel_sort", true, collections::parallel_sort),
         program("fragmentation", false, fragmentation::fragmentation),
+        Workload {
+            group: &CROSS_THREAD,
+            name: "larson",
+            variants: ALLOCATORS,
+            unit: "ns/op",
+            real_library: false,
+            run: cross_thread::larson,
+        },
+        Workload {
+            group: &CROSS_THREAD,
+            name: "producer_consumer",
+            variants: ALLOCATORS,
+            unit: "ns/op",
+            real_library: false,
+            run: cross_thread::producer_consumer,
+        },
         switching(
             "per_request/1thread",
             PER_REQUEST,

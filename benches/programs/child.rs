@@ -77,7 +77,8 @@ pub struct Measured {
 }
 
 /// Runs `iteration` once to warm up, then once timed; in between and after, reads every
-/// tenant's `Memory` and `Allocations` `held` (true usage: stocks and debts excluded), and
+/// tenant's `Memory` and `Allocations` `held` (true usage, what stocks hold excluded: no
+/// drain needed), and
 /// exits with status 3 if the timed iteration did not give back exactly what it charged.
 pub fn measure(tenants: &[Beancounter], mut iteration: impl FnMut(Phase) -> Iteration) -> Measured {
     // Both readings fill buffers allocated here, so neither charges anything itself.
@@ -109,7 +110,6 @@ fn read_held(tenants: &[Beancounter], out: &mut Vec<(u64, u64)>) {
     if tenants.is_empty() {
         return;
     }
-    beancounter::drain_stock();
     out.clear();
     for t in tenants {
         let m = t.stat(Resource::Memory).held;
