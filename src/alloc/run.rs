@@ -29,13 +29,15 @@
 //!   stopped using goes back to the OS about a second later. No thread of its own is
 //!   needed; a process that makes no allocation at all keeps its dirty memory until it does.
 //! - **By amount:** dirty memory never exceeds [`dirty_bound`]: the larger of
-//!   [`DIRTY_FLOOR`] (64 MiB) and a quarter of the pages in use. A program that frees most
-//!   of its heap gives back all but that at once, whatever the age.
+//!   [`DIRTY_FLOOR`] (64 MiB) and half of the most memory in use (runs and huge blocks)
+//!   over the last one to two seconds. A program that frees its working set and builds it
+//!   again at once (a parsed document, a request's buffers) keeps up to half of it
+//!   resident; one that frees most of its heap for good gives back all but that at once,
+//!   whatever the age, whole free segments first (unmapping them splits no huge page).
 //!
-//! Together: resident memory is at most the pages in use plus `max(64 MiB, in use / 4)` of
-//! free pages (plus the spare slabs each thread heap keeps, see `thread_cache`), and a
-//! second after a program stops allocating and freeing, what it freed is given back at its
-//! next allocator call.
+//! Together: free pages kept resident are at most `max(64 MiB, recent peak / 2)` (plus the
+//! spare slabs each thread heap keeps, see `thread_cache`), and a second after a program
+//! stops allocating and freeing, what it freed is given back at its next allocator call.
 //!
 //! Invariants (checked by [`check_invariants`]): in every segment the runs tile the pages
 //! after the header; no two free runs are adjacent; every free run is in the bin of its
@@ -160,16 +162,71 @@ fn bin_of(pages: usize) -> usize {
     }
 }
 
+/// Dirty free runs in the order they were freed (through `Run::dirty_next/prev`).
+struct DirtyList {
+    head: *mut Run,
+    tail: *mut Run,
+}
+
+impl DirtyList {
+    const fn new() -> Self {
+        DirtyList {
+            head: ptr::null_mut(),
+            tail: ptr::null_mut(),
+        }
+    }
+
+    fn oldest(&self) -> Option<&'static Run> {
+        // SAFETY: dirty lists hold free runs in mapped segments.
+        unsafe { self.head.as_ref() }
+    }
+
+    fn push_back(&mut self, run: &Run) {
+        let me = run as *const Run as *mut Run;
+        run.dirty_next.set(ptr::null_mut());
+        run.dirty_prev.set(self.tail);
+        match self.tail.is_null() {
+            true => self.head = me,
+            // SAFETY: as in `oldest`.
+            false => unsafe { (*self.tail).dirty_next.set(me) },
+        }
+        self.tail = me;
+    }
+
+    fn unlink(&mut self, run: &Run) {
+        let (prev, next) = (run.dirty_prev.get(), run.dirty_next.get());
+        match prev.is_null() {
+            true => self.head = next,
+            // SAFETY: as in `oldest`.
+            false => unsafe { (*prev).dirty_next.set(next) },
+        }
+        match next.is_null() {
+            true => self.tail = prev,
+            // SAFETY: as in `oldest`.
+            false => unsafe { (*next).dirty_prev.set(prev) },
+        }
+    }
+}
+
 struct State {
     bins: [*mut Run; NUM_BINS],
-    /// Dirty free runs, oldest first (`Run::dirty_next`), and their pages.
-    dirty_head: *mut Run,
-    dirty_tail: *mut Run,
+    /// Dirty free runs that are part of a segment, and those that are a whole segment;
+    /// the second are given back first when dirty memory is over its bound (unmapping a
+    /// whole segment splits no huge page). `dirty_pages` counts both.
+    dirty: DirtyList,
+    empty: DirtyList,
     dirty_pages: usize,
     /// Segments whose usable pages are one free run.
     empty_segments: usize,
     /// Pages of slabs and large runs.
     used_pages: usize,
+    /// Bytes of huge blocks.
+    huge_bytes: usize,
+    /// The most bytes in use (runs and huge blocks) in the current window of
+    /// `PURGE_DELAY_MS` and in the one before, and when the current one started.
+    peak: usize,
+    prev_peak: usize,
+    window_start: u64,
     /// Pages mapped in segments and huge blocks, for statistics.
     mapped_bytes: usize,
 }
@@ -180,11 +237,15 @@ unsafe impl Send for State {}
 
 static RUNS: Mutex<State> = Mutex::new(State {
     bins: [ptr::null_mut(); NUM_BINS],
-    dirty_head: ptr::null_mut(),
-    dirty_tail: ptr::null_mut(),
+    dirty: DirtyList::new(),
+    empty: DirtyList::new(),
     dirty_pages: 0,
     empty_segments: 0,
     used_pages: 0,
+    huge_bytes: 0,
+    peak: 0,
+    prev_peak: 0,
+    window_start: 0,
     mapped_bytes: 0,
 });
 
@@ -287,17 +348,8 @@ impl State {
     /// with the time its pages were freed.
     fn push(&mut self, run: &Run, since: u64) {
         if !run.zeroed.get() {
-            let me = run as *const Run as *mut Run;
             run.dirty_since.set(since);
-            run.dirty_next.set(ptr::null_mut());
-            run.dirty_prev.set(self.dirty_tail);
-            if self.dirty_tail.is_null() {
-                self.dirty_head = me;
-            } else {
-                // SAFETY: the dirty list holds free runs in mapped segments.
-                unsafe { (*self.dirty_tail).dirty_next.set(me) };
-            }
-            self.dirty_tail = me;
+            self.dirty_list(run).push_back(run);
         }
         let b = bin_of(run.pages());
         let head = self.bins[b];
@@ -330,48 +382,68 @@ impl State {
         }
     }
 
-    /// Takes dirty free `run` off the dirty list.
+    /// The dirty list `run` belongs on.
+    fn dirty_list(&mut self, run: &Run) -> &mut DirtyList {
+        if run.pages() == USABLE_PAGES {
+            &mut self.empty
+        } else {
+            &mut self.dirty
+        }
+    }
+
+    /// Takes dirty free `run` off its dirty list.
     fn unlink_dirty(&mut self, run: &Run) {
-        let (prev, next) = (run.dirty_prev.get(), run.dirty_next.get());
-        if prev.is_null() {
-            self.dirty_head = next;
-        } else {
-            // SAFETY: the dirty list holds free runs in mapped segments.
-            unsafe { (*prev).dirty_next.set(next) };
-        }
-        if next.is_null() {
-            self.dirty_tail = prev;
-        } else {
-            // SAFETY: as above.
-            unsafe { (*next).dirty_prev.set(prev) };
-        }
+        self.dirty_list(run).unlink(run);
         self.dirty_pages -= run.pages();
+    }
+
+    /// Bytes of runs and huge blocks in use.
+    fn in_use(&self) -> usize {
+        self.used_pages * PAGE + self.huge_bytes
+    }
+
+    /// Notes what is in use now in the current window's peak.
+    fn note_peak(&mut self) {
+        self.peak = self.peak.max(self.in_use());
     }
 
     /// Most dirty bytes kept: see the module docs.
     fn dirty_bound(&self) -> usize {
-        dirty_bound(self.used_pages * PAGE)
+        dirty_bound(self.peak.max(self.prev_peak))
     }
 
-    /// Purges the oldest dirty runs while they are due or dirty memory is over its bound;
-    /// then publishes when the next one is due.
+    /// Purges the oldest dirty runs while they are due, then whole free segments and then
+    /// the oldest runs while dirty memory is over its bound; then publishes when the next
+    /// one is due.
     fn decay(&mut self, now: u64) {
-        while !self.dirty_head.is_null() {
-            // SAFETY: the dirty list holds free runs in mapped segments.
-            let run: &'static Run = unsafe { &*self.dirty_head };
-            let due = now.saturating_sub(run.dirty_since.get()) >= PURGE_DELAY_MS;
-            if !due && self.dirty_pages * PAGE <= self.dirty_bound() {
+        if now.saturating_sub(self.window_start) >= PURGE_DELAY_MS {
+            self.prev_peak = self.peak;
+            self.peak = self.in_use();
+            self.window_start = now;
+        }
+        let due = |run: &Run| now.saturating_sub(run.dirty_since.get()) >= PURGE_DELAY_MS;
+        loop {
+            let oldest = match (self.dirty.oldest(), self.empty.oldest()) {
+                (Some(d), Some(e)) if e.dirty_since.get() <= d.dirty_since.get() => Some(e),
+                (Some(d), _) => Some(d),
+                (None, e) => e,
+            };
+            let Some(oldest) = oldest else { break };
+            if due(oldest) {
+                self.purge_run(oldest);
+            } else if self.dirty_pages * PAGE > self.dirty_bound() {
+                let run = self.empty.oldest().unwrap_or(oldest);
+                self.purge_run(run);
+            } else {
                 break;
             }
-            self.purge_run(run);
         }
-        let next = if self.dirty_head.is_null() {
-            u64::MAX
-        } else {
-            // SAFETY: as above.
-            let oldest = unsafe { (*self.dirty_head).dirty_since.get() };
-            oldest + PURGE_DELAY_MS
-        };
+        let next = [self.dirty.oldest(), self.empty.oldest()]
+            .into_iter()
+            .flatten()
+            .map(|r| r.dirty_since.get() + PURGE_DELAY_MS)
+            .min()
+            .unwrap_or(u64::MAX);
         NEXT_DUE.store(next, Ordering::Relaxed);
     }
 
@@ -465,6 +537,7 @@ impl State {
         }
         head.used_pages.set(head.used_pages.get() + pages as u32);
         self.used_pages += pages;
+        self.note_peak();
     }
 
     fn release(&mut self, run: &'static Run) {
@@ -532,10 +605,10 @@ impl State {
     }
 }
 
-/// Most dirty bytes kept while `in_use` bytes of runs are in use: the larger of
-/// [`DIRTY_FLOOR`] and a quarter of `in_use`.
-pub(crate) fn dirty_bound(in_use: usize) -> usize {
-    DIRTY_FLOOR.max(in_use / 4)
+/// Most dirty bytes kept when the most bytes in use (runs and huge blocks) over the last
+/// one to two seconds was `peak`: the larger of [`DIRTY_FLOOR`] and half of `peak`.
+pub(crate) fn dirty_bound(peak: usize) -> usize {
+    DIRTY_FLOOR.max(peak / 2)
 }
 
 /// A run of `pages` pages for a slab or a large block, aligned to `align` bytes
@@ -649,14 +722,20 @@ pub(crate) fn alloc_huge(size: usize, align: usize) -> Option<&'static SegmentHe
     head.huge = true;
     head.map_size = map_size;
     head.offset = offset;
-    RUNS.lock().mapped_bytes += map_size;
+    let mut st = RUNS.lock();
+    st.mapped_bytes += map_size;
+    st.huge_bytes += map_size;
+    st.note_peak();
     Some(head)
 }
 
 /// Unmaps a huge block.
 pub(crate) fn free_huge(head: &'static SegmentHead) {
     let (base, size) = (head.base() as *mut u8, head.map_size);
-    RUNS.lock().mapped_bytes -= size;
+    let mut st = RUNS.lock();
+    st.mapped_bytes -= size;
+    st.huge_bytes -= size;
+    drop(st);
     // SAFETY: the block is being freed: nothing refers to its mapping any more.
     unsafe { os::unmap(base, size) };
 }
@@ -676,6 +755,8 @@ pub(crate) fn resize_huge(head: &'static SegmentHead, size: usize) -> Option<&'s
     head.map_size = new;
     let mut st = RUNS.lock();
     st.mapped_bytes = st.mapped_bytes + new - old;
+    st.huge_bytes = st.huge_bytes + new - old;
+    st.note_peak();
     Some(head)
 }
 
@@ -733,19 +814,28 @@ pub(crate) fn check_invariants() -> Result<(), &'static str> {
     if dirty != st.dirty_pages {
         return Err("dirty page count differs from the dirty free runs");
     }
-    let (mut listed, mut at, mut prev) = (0, st.dirty_head, ptr::null_mut());
-    while !at.is_null() {
-        // SAFETY: the dirty list holds free runs in mapped segments; the lock is held.
-        let run = unsafe { &*at };
-        if run.kind() != Kind::Free || run.zeroed.get() || run.dirty_prev.get() != prev {
-            return Err("the dirty list holds a run that is not free and dirty, or is broken");
+    let mut listed = 0;
+    for (list, whole) in [(&st.dirty, false), (&st.empty, true)] {
+        let (mut at, mut prev) = (list.head, ptr::null_mut());
+        while !at.is_null() {
+            // SAFETY: dirty lists hold free runs in mapped segments; the lock is held.
+            let run = unsafe { &*at };
+            if run.kind() != Kind::Free || run.zeroed.get() || run.dirty_prev.get() != prev {
+                return Err("a dirty list holds a run that is not free and dirty, or is broken");
+            }
+            if (run.pages() == USABLE_PAGES) != whole {
+                return Err("a dirty run is on the wrong dirty list");
+            }
+            listed += run.pages();
+            prev = at;
+            at = run.dirty_next.get();
         }
-        listed += run.pages();
-        prev = at;
-        at = run.dirty_next.get();
+        if prev != list.tail {
+            return Err("a dirty list's tail is not its last run");
+        }
     }
-    if listed != dirty || prev != st.dirty_tail {
-        return Err("the dirty list does not hold exactly the dirty free runs");
+    if listed != dirty {
+        return Err("the dirty lists do not hold exactly the dirty free runs");
     }
     Ok(())
 }
