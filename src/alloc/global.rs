@@ -167,14 +167,18 @@ fn alloc_small(bc: u32, severity: Severity, class: usize, zero: bool) -> *mut u8
 fn alloc_small_charged(bc: u32, class: usize, zero: bool) -> *mut u8 {
     match thread_cache::try_alloc(class) {
         Some((p, slab, zeroed)) => {
-            // The slab's sole tag is the usual case; a mixed slab stores the tag inline; a
-            // slab changing hands is the cold tail call.
+            // The slab's sole tag is the usual case; the only object in use takes the slab
+            // over, and a mixed slab stores the tag, inline; a slab that becomes mixed is
+            // the cold tail call.
             let sole = slab.sole();
             if sole != bc {
-                if sole != slab::MIXED || slab.used() == 1 {
-                    return alloc_small_retag(slab, p.as_ptr(), bc, class, zero && !zeroed);
+                if slab.used() == 1 {
+                    slab.take_over(bc);
+                } else if sole == slab::MIXED {
+                    slab.write_tag(p.as_ptr(), bc);
+                } else {
+                    return alloc_small_mix(slab, p.as_ptr(), bc, class, zero && !zeroed);
                 }
-                slab.write_tag(p.as_ptr(), bc);
             }
             if zero && !zeroed {
                 return zero_object(p.as_ptr(), class);
@@ -185,11 +189,11 @@ fn alloc_small_charged(bc: u32, class: usize, zero: bool) -> *mut u8 {
     }
 }
 
-/// An object whose slab carries another tag than `bc` for all of its objects.
+/// An object for `bc` from a slab whose other objects in use all carry another tag.
 #[cold]
 #[inline(never)]
-fn alloc_small_retag(slab: &Slab, p: *mut u8, bc: u32, class: usize, zero: bool) -> *mut u8 {
-    slab.retag(p, bc);
+fn alloc_small_mix(slab: &Slab, p: *mut u8, bc: u32, class: usize, zero: bool) -> *mut u8 {
+    slab.mix(p, bc);
     if zero {
         return zero_object(p, class);
     }

@@ -233,9 +233,10 @@ impl Slab {
     }
 
     /// Owner: the tag every object in use carries, or [`MIXED`]. An object just handed out
-    /// whose tag equals it needs nothing stored; with `MIXED`, store it with
-    /// [`write_tag`](Self::write_tag), unless it is the only object in use; otherwise call
-    /// [`retag`](Self::retag). [`set_tag`](Self::set_tag) does all three.
+    /// whose tag equals it needs nothing stored; the only object in use makes its tag the
+    /// slab's ([`take_over`](Self::take_over)); with `MIXED`, store it with
+    /// [`write_tag`](Self::write_tag); otherwise the slab becomes mixed
+    /// ([`mix`](Self::mix)). [`set_tag`](Self::set_tag) does all of it.
     #[inline]
     pub(crate) fn sole(&self) -> u32 {
         self.sole.load(Ordering::Relaxed)
@@ -249,20 +250,23 @@ impl Slab {
         unsafe { self.tags.add(self.index(p)).write(tag) }
     }
 
-    /// Owner: gives object `p`, just handed out, a tag other than `sole`'s. The only object
-    /// in use makes `tag` the slab's (a mixed slab that emptied becomes single-tagged
-    /// again); otherwise the slab becomes mixed.
+    /// Owner: makes `tag` the slab's, for the object just handed out when it is the only
+    /// object in use (`used == 1`; a mixed slab that emptied becomes single-tagged again).
+    /// No other object is in use or on its way back from another thread (those still count
+    /// in `used`): nobody can read the old tag any more.
+    #[inline]
+    pub(crate) fn take_over(&self, tag: u32) {
+        debug_assert_eq!(self.used.get(), 1);
+        self.sole.store(tag, Ordering::Relaxed);
+    }
+
+    /// Owner: gives object `p`, just handed out while other objects are in use, a tag other
+    /// than the slab's sole one: the slab becomes mixed.
     #[cold]
     #[inline(never)]
-    pub(crate) fn retag(&self, p: *const u8, tag: u32) {
+    pub(crate) fn mix(&self, p: *const u8, tag: u32) {
         let old = self.sole();
-        if self.used.get() == 1 {
-            // No other object is in use or on its way back from another thread (those still
-            // count in `used`): nobody can read the old tag any more.
-            self.sole.store(tag, Ordering::Relaxed);
-            return;
-        }
-        debug_assert_ne!(old, MIXED);
+        debug_assert!(old != MIXED && self.used.get() > 1);
         for i in 0..self.capacity as usize {
             // SAFETY: `i < capacity`: inside the tag array, which the owner alone writes.
             unsafe { self.tags.add(i).write(old) };
@@ -272,20 +276,21 @@ impl Slab {
         self.write_tag(p, tag);
     }
 
-    /// Stores the owner tag of object `p`, just handed out (the three cases above).
+    /// Stores the owner tag of object `p`, just handed out (the cases above).
     #[inline]
     pub(crate) fn set_tag(&self, p: *const u8, tag: u32) {
         match self.sole() {
             sole if sole == tag => {}
-            MIXED if self.used.get() != 1 => self.write_tag(p, tag),
-            _ => self.retag(p, tag),
+            _ if self.used.get() == 1 => self.take_over(tag),
+            MIXED => self.write_tag(p, tag),
+            _ => self.mix(p, tag),
         }
     }
 
     /// The owner tag of object `p`, from any thread.
     #[inline]
     pub(crate) fn tag(&self, p: *const u8) -> u32 {
-        // Acquire: pairs with the Release in `retag`.
+        // Acquire: pairs with the Release in `mix`.
         let sole = self.sole.load(Ordering::Acquire);
         if sole != MIXED {
             return sole;
