@@ -57,13 +57,15 @@ mod os;
 pub mod report;
 mod sync;
 
+pub use accounting::api::{
+    capacity, check_invariants, checkpoint, default_limits, find_or_create, live_count, lookup,
+    reap, register_resource, retired_count, root, set_default_limits, set_limits, stat,
+};
 pub use accounting::beancounter::Events;
 pub use accounting::context::{current, current_id, fallible, forced, ExecGuard};
 pub use accounting::future::{FutureExt, Guarded, InBeancounter};
-pub use accounting::handle::{
-    capacity, check_invariants, checkpoint, default_limits, find_or_create, live_count, lookup,
-    reap, register_resource, root, set_default_limits, set_limits, stat, Beancounter, Charge,
-};
+pub use accounting::handle::Charge;
+pub use accounting::reference::Beancounter;
 pub use accounting::registry::{DEFAULT_CAPACITY, MAX_CAPACITY};
 pub use accounting::stock::{STOCK_BYTES, STOCK_OBJECTS};
 pub use accounting::types::{

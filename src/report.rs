@@ -27,7 +27,7 @@
 //! assert!(text.contains(r#"beancounter_failcnt_total{id="700",resource="threads"} 1"#));
 //! ```
 
-use crate::accounting::handle::{live_beancounters, resources};
+use crate::accounting::api::{live_beancounters, resources};
 use crate::{BcId, Events, Resource, ResourceStat};
 use core::fmt::Write;
 use std::time::Duration;

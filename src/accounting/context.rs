@@ -15,7 +15,8 @@
 //! registering anything. The destructor lives in a separate thread-local, armed only when the
 //! thread first holds a tenant.
 
-use super::handle::{registry, Beancounter};
+use super::reference::Beancounter;
+use super::registry::registry;
 use super::registry::ROOT;
 use super::types::{BcId, Severity};
 use core::cell::Cell;

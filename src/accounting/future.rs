@@ -5,7 +5,8 @@
 //! and around the inner future's `drop`, so everything the future allocates or frees is
 //! charged to its tenant, whichever thread polls it, with any executor.
 
-use super::handle::{over_barrier, Beancounter};
+use super::api::over_barrier;
+use super::reference::Beancounter;
 use super::types::Exceeded;
 use core::future::Future;
 use core::mem::ManuallyDrop;

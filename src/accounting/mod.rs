@@ -9,12 +9,16 @@ pub(crate) mod registry;
 pub(crate) mod types;
 
 #[cfg(not(beancounter_loom))]
+pub(crate) mod api;
+#[cfg(not(beancounter_loom))]
 pub(crate) mod context;
 #[cfg(not(beancounter_loom))]
 pub(crate) mod future;
 #[cfg(not(beancounter_loom))]
 pub(crate) mod handle;
 pub(crate) mod reclaim;
+#[cfg(not(beancounter_loom))]
+pub(crate) mod reference;
 #[cfg(not(beancounter_loom))]
 pub(crate) mod spawn;
 pub(crate) mod stock;

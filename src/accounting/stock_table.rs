@@ -6,8 +6,8 @@
 //! this one exits. More threads than slots, or a kernel without `membarrier`, charge
 //! directly.
 
-use super::handle::registry;
 use super::reclaim::{membarrier, reclaim, Target};
+use super::registry::registry;
 use super::stock::{charge_pair, charge_pair_counted, charge_pair_undo, GiveBack, StockSlot};
 use super::stock::{ALLOCATIONS, MEMORY, NONE};
 use super::types::{Exceeded, Severity, MAX_DEPTH};
@@ -111,28 +111,36 @@ pub(crate) fn try_charge_object(bc: u32, bytes: u64, severity: Severity) -> bool
 }
 
 /// Charges a new object when [`try_charge_object`] could not: refills the stock, or
-/// charges directly; a refusal is counted.
+/// charges directly; a refusal is counted. Returns the index charged: `bc`, or, if `bc`
+/// was retired, its heir (`Registry::charge_target`), which the object must be tagged with.
 #[cold]
 #[inline(never)]
-pub(crate) fn charge_object_slow(bc: u32, bytes: u64, severity: Severity) -> Result<(), Exceeded> {
+pub(crate) fn charge_object_slow(bc: u32, bytes: u64, severity: Severity) -> Result<u32, Exceeded> {
     let reg = registry();
+    let bc = reg.charge_target(bc);
     claim_mine();
     let first = match mine() {
+        Some(_) if try_charge_object(bc, bytes, severity) => return Ok(bc),
         Some(s) => s.charge_slow(reg, bc, bytes, severity),
         None => charge_pair_counted(reg, bc, bytes, 1, severity, false),
     };
-    first.or_else(|e| reclaim_and_retry(e, bc, bytes, 1, severity))
+    first
+        .or_else(|e| reclaim_and_retry(e, bc, bytes, 1, severity))
+        .map(|()| bc)
 }
 
-/// Charges a block directly (no stock): `mem` bytes and `objs` objects.
+/// Charges a block directly (no stock): `mem` bytes and `objs` objects. Returns the index
+/// charged, as [`charge_object_slow`] does.
 pub(crate) fn charge_block(
     bc: u32,
     mem: u64,
     objs: u64,
     severity: Severity,
-) -> Result<(), Exceeded> {
+) -> Result<u32, Exceeded> {
+    let bc = registry().charge_target(bc);
     charge_pair_counted(registry(), bc, mem, objs, severity, false)
         .or_else(|e| reclaim_and_retry(e, bc, mem, objs, severity))
+        .map(|()| bc)
 }
 
 /// After a tentative refusal: takes back every stock of the refusing level and retries.

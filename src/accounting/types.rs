@@ -378,6 +378,9 @@ pub enum BcError {
     TooDeep,
     /// The OS refused memory for the beancounter table.
     OutOfMemory,
+    /// The beancounter was retired ([`Beancounter::retire`](crate::Beancounter::retire)):
+    /// it cannot be retired again, get children, or change its limits.
+    Retired(BcId),
 }
 
 impl From<Exceeded> for BcError {

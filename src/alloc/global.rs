@@ -59,9 +59,10 @@ use super::run::{self, Kind, LARGE_MAX, MAX_ALIGN};
 use super::size_class::{self, CLASSES};
 use super::slab::{self, Slab};
 use super::thread_cache::{self, AllocError};
+use crate::accounting::registry::registry;
 use crate::accounting::stock::GiveBack;
 use crate::accounting::types::{Resource, Severity};
-use crate::accounting::{context, handle, stock_table as stock};
+use crate::accounting::{context, stock_table as stock};
 use crate::os::PAGE;
 use crate::sync::{AtomicU32, Ordering};
 use core::alloc::{GlobalAlloc, Layout};
@@ -200,14 +201,15 @@ fn alloc_small_mix(slab: &Slab, p: *mut u8, bc: u32, class: usize, zero: bool) -
     p
 }
 
-/// No stock for `bc` on this thread: refill it, or charge directly.
+/// No stock for `bc` on this thread: refill it, or charge directly (the object is tagged
+/// with whom the charge went to: `bc`, or, for a retired beancounter, its heir).
 #[cold]
 #[inline(never)]
 fn alloc_small_charge_slow(bc: u32, severity: Severity, class: usize, zero: bool) -> *mut u8 {
-    if stock::charge_object_slow(bc, CLASSES[class].size as u64, severity).is_err() {
-        return ptr::null_mut();
+    match stock::charge_object_slow(bc, CLASSES[class].size as u64, severity) {
+        Ok(charged) => alloc_small_charged(charged, class, zero),
+        Err(_) => ptr::null_mut(),
     }
-    alloc_small_charged(bc, class, zero)
 }
 
 /// The thread's bin is out of objects (or the thread has no heap yet); the charge is taken
@@ -252,9 +254,9 @@ fn alloc_big(bc: u32, severity: Severity, size: usize, align: usize, zero: bool)
         return ptr::null_mut();
     }
     let bytes = size.next_multiple_of(PAGE).max(PAGE);
-    if stock::charge_block(bc, bytes as u64, 1, severity).is_err() {
+    let Ok(bc) = stock::charge_block(bc, bytes as u64, 1, severity) else {
         return ptr::null_mut();
-    }
+    };
     if bytes <= LARGE_MAX {
         if let Some((r, zeroed)) = run::alloc_run(bytes / PAGE, align.max(PAGE), Kind::Large) {
             r.tag.set(bc);
@@ -283,7 +285,7 @@ fn alloc_big(bc: u32, severity: Severity, size: usize, align: usize, zero: bool)
 }
 
 fn uncharge(bc: u32, bytes: usize) {
-    let reg = handle::registry();
+    let reg = registry();
     reg.uncharge(bc, 0, bytes as u64);
     reg.uncharge(bc, 1, 1);
 }
@@ -376,10 +378,10 @@ unsafe fn reallocate(ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
             if want <= have {
                 run::shrink_in_place(r, want / PAGE);
                 r.charged.set(want);
-                handle::registry().uncharge(bc, 0, (have - want) as u64);
+                registry().uncharge(bc, 0, (have - want) as u64);
                 return ptr;
             }
-            let reg = handle::registry();
+            let reg = registry();
             // Tentative: if growing in place is refused, moving may still succeed (after
             // stocks are reclaimed), and only that decides whether the request is refused.
             if reg
@@ -402,7 +404,7 @@ unsafe fn reallocate(ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
         }
         Owner::Huge(head) if head.tag.get() == bc && new_size > LARGE_MAX => {
             let (have, want) = (head.charged.get(), new_size.next_multiple_of(PAGE));
-            let reg = handle::registry();
+            let reg = registry();
             let grow = want.saturating_sub(have) as u64;
             if grow == 0
                 || reg
@@ -547,7 +549,7 @@ fn register_hooks() {
 extern "C" fn fork_prepare() {
     // Lock order: the registry and the stock table (never held while allocating), then the
     // heap locks, then the run lock (taken under the heap locks).
-    handle::registry().lock_for_fork();
+    registry().lock_for_fork();
     stock::lock_for_fork();
     thread_cache::lock_for_fork();
     run::lock_for_fork();
@@ -571,7 +573,7 @@ unsafe fn unlock_all(child: bool) {
         run::unlock_after_fork();
         thread_cache::unlock_after_fork();
         stock::unlock_after_fork(child);
-        handle::registry().unlock_after_fork();
+        registry().unlock_after_fork();
     }
 }
 
