@@ -1,7 +1,7 @@
-//! An HTTP/1.1 server whose tenants cannot take each other's memory: every request runs
-//! under its tenant's beancounter, tenant-sized allocations are checked against the
-//! tenant's barrier, and one tenant over its barrier gets `507 Insufficient Storage` while
-//! the others are served as before.
+//! An HTTP/1.1 server on axum whose tenants cannot take each other's memory: every request
+//! runs in its tenant's beancounter (through [`beancounter::tower::TenantLayer`]), tenant-sized
+//! allocations are checked against the tenant's barrier, and one tenant over its barrier gets
+//! `507 Insufficient Storage` while the others are served as before.
 //!
 //! ```sh
 //! cargo run --release --example tenant_server -- --demo   # drive it, measure, check
@@ -14,19 +14,27 @@
 //!
 //! | request | answer |
 //! |---|---|
-//! | `GET /t/<tenant>/work?kib=N` | builds an N KiB document under the tenant's guard: `200`, or `507` when the tenant's barrier refuses it |
+//! | `GET /t/<tenant>/work?kib=N` | builds an N KiB document in the tenant: `200`, or `507` when the tenant's barrier refuses it |
 //! | `GET /beancounters` | [`beancounter::report::user_beancounters`] |
 //! | `GET /metrics` | [`beancounter::report::prometheus`], `Content-Type: text/plain; version=0.0.4` |
 //!
-//! An unknown tenant is `404`, a malformed request `400`, a method other than `GET` `405`.
-//! Each connection carries one request (answers say `Connection: close`), so a small pool
-//! of worker threads serves any number of clients in turn.
+//! An unknown tenant is `404`, a bad `kib` `400`, a method other than `GET` `405` (axum's
+//! answer), a request hyper cannot parse `400` (hyper's). Connections are kept alive.
+//!
+//! # How a request finds its tenant
+//! The router's [`TenantLayer`] picks the tenant from the path (`tenant_of`): the handler, its
+//! extractors and its response run inside the tenant's beancounter at every poll, on whichever
+//! of the [`WORKERS`] tokio workers polls them. `/beancounters`, `/metrics` and unknown tenants
+//! run in the host (the root). The layer also refuses, with `507`, every request of a tenant
+//! that is already over its barrier (`refuse_with`), before its handler runs.
 //!
 //! # Config
 //! One tenant per line, `tenant <name> <id> <barrier> <limit>`, sizes in bytes or with a
 //! `K`, `M` or `G` suffix (KiB, MiB, GiB); `#` starts a comment. [`DEFAULT_CONFIG`] is used
 //! unless `--config FILE` names another. Errors name the line: bad limits are shown as the
-//! crate's `BcError::InvalidLimits`.
+//! crate's `BcError::InvalidLimits`. The parser (`parse_config`) only reads text; the
+//! server's tenants live in a [`Tenants`] table behind an `Arc<RwLock<..>>` that handlers and
+//! the layer read per request, so a reload can swap in a new table while requests run.
 //!
 //! # How memory is kept in bounds
 //! - The document is reserved inside [`beancounter::fallible`], so the reservation is
@@ -42,20 +50,32 @@
 //!   every worker first, so the workers never need to drain anything.
 //!
 //! # The demo
-//! `--demo` starts the server on an ephemeral port and drives it: the well-behaved tenants
+//! `--demo` starts the server on an ephemeral loopback port and drives it with an HTTP
+//! client (`ureq`, one keep-alive connection per client thread): the well-behaved tenants
 //! (every tenant but `noisy`) alone, then again while the `noisy` tenant asks for far more
 //! than its barrier. It prints the refusals, the noisy tenant's `failcnt`, the others'
 //! latency in both phases and the process RSS, and exits non-zero unless: the noisy
 //! tenant was refused and its `failcnt` matches, the others were never refused, RSS stayed
 //! within the sum of the limits plus [`RSS_OVERHEAD`], every tenant is back to (almost)
-//! nothing held, and `/beancounters` and `/metrics` parse and show the `failcnt`.
+//! nothing held once the server has closed its connections, and `/beancounters` and
+//! `/metrics` parse and show the `failcnt`.
 
-use beancounter::{BcError, BcId, BeanAlloc, Beancounter, Limits, Resource, ResourceStat};
-use std::io::{self, Read, Write};
-use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
+use axum::body::Body;
+use axum::extract::{Path, RawQuery, State};
+use axum::http::{header, Request, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::Router;
+use beancounter::tower::TenantLayer;
+use beancounter::{
+    BcError, BcId, BeanAlloc, Beancounter, Exceeded, Limits, Resource, ResourceStat,
+};
+use std::collections::HashMap;
+use std::io;
+use std::net::{SocketAddr, TcpListener};
 use std::process::ExitCode;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{mpsc, Arc, Mutex};
+use std::sync::{Arc, RwLock};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -81,7 +101,7 @@ const HANDLER_SLACK: u64 = 1 << 20;
 /// The largest document a request may ask for (`kib`), 4 GiB: past it the request is `400`.
 const MAX_KIB: u64 = 4 << 20;
 
-/// Worker threads serving connections.
+/// Tokio worker threads serving connections (the runtime the router runs on).
 const WORKERS: usize = 4;
 
 /// What the process may hold besides the tenants' limits, for the demo's RSS check:
@@ -200,86 +220,71 @@ fn parse_config(text: &str) -> Result<Vec<TenantConf>, ConfigError> {
     Ok(tenants)
 }
 
+// ---- tenants -----------------------------------------------------------------------------
+
 /// A tenant as the server knows it.
 struct Tenant {
     name: String,
     bc: Beancounter,
 }
 
-fn create_tenants(conf: &[TenantConf]) -> Result<Vec<Tenant>, BcError> {
-    conf.iter()
-        .map(|c| {
+/// The tenants the server serves, by name.
+#[derive(Default)]
+struct Tenants {
+    by_name: HashMap<String, Arc<Tenant>>,
+}
+
+/// The server's tenant table: read by the layer and the handlers for every request, replaced
+/// whole by whoever applies a new config.
+type SharedTenants = Arc<RwLock<Tenants>>;
+
+impl Tenants {
+    /// Creates (or finds) each tenant's beancounter and sets its memory limits.
+    fn from_config(conf: &[TenantConf]) -> Result<Tenants, BcError> {
+        let mut by_name = HashMap::new();
+        for c in conf {
             let bc = beancounter::find_or_create(c.id)?;
             bc.set_limits(Resource::Memory, c.limits)?;
-            Ok(Tenant {
+            let tenant = Tenant {
                 name: c.name.clone(),
                 bc,
-            })
-        })
-        .collect()
+            };
+            by_name.insert(c.name.clone(), Arc::new(tenant));
+        }
+        Ok(Tenants { by_name })
+    }
+
+    fn get(&self, name: &str) -> Option<Arc<Tenant>> {
+        self.by_name.get(name).cloned()
+    }
+
+    /// Every tenant, by name.
+    fn all(&self) -> Vec<Arc<Tenant>> {
+        let mut all: Vec<Arc<Tenant>> = self.by_name.values().cloned().collect();
+        all.sort_by(|a, b| a.name.cmp(&b.name));
+        all
+    }
+}
+
+/// The tenant table, for reading.
+fn read(tenants: &SharedTenants) -> std::sync::RwLockReadGuard<'_, Tenants> {
+    // A panic while the table was written cannot leave it half-built (it is swapped whole).
+    tenants.read().unwrap_or_else(|e| e.into_inner())
 }
 
 // ---- the server --------------------------------------------------------------------------
 
-struct Response {
-    status: u16,
-    content_type: &'static str,
-    body: String,
+/// The layer's pick: `/t/<tenant>/...` runs in that tenant's beancounter; everything else
+/// (reports, unknown tenants, other paths) in the host.
+fn tenant_of(tenants: &SharedTenants, req: &Request<Body>) -> Option<Beancounter> {
+    let name = req.uri().path().strip_prefix("/t/")?.split('/').next()?;
+    read(tenants).get(name).map(|t| t.bc.clone())
 }
 
-impl Response {
-    fn text(status: u16, body: String) -> Response {
-        Response {
-            status,
-            content_type: "text/plain; charset=utf-8",
-            body,
-        }
-    }
-
-    fn write_to(&self, out: &mut impl Write) -> io::Result<()> {
-        let reason = match self.status {
-            200 => "OK",
-            400 => "Bad Request",
-            404 => "Not Found",
-            405 => "Method Not Allowed",
-            507 => "Insufficient Storage",
-            _ => "Error",
-        };
-        write!(
-            out,
-            "HTTP/1.1 {} {reason}\r\nContent-Type: {}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{}",
-            self.status,
-            self.content_type,
-            self.body.len(),
-            self.body
-        )?;
-        out.flush()
-    }
-}
-
-/// Reads the request head (up to 8 KiB) and returns the method and target.
-fn read_request(stream: &mut TcpStream) -> Result<(String, String), String> {
-    let mut buf = [0u8; 8 << 10];
-    let mut len = 0;
-    while !buf[..len].windows(4).any(|w| w == b"\r\n\r\n") {
-        if len == buf.len() {
-            return Err("request head over 8 KiB".into());
-        }
-        match stream.read(&mut buf[len..]) {
-            Ok(0) => return Err("connection closed mid-request".into()),
-            Ok(n) => len += n,
-            Err(e) => return Err(format!("reading the request: {e}")),
-        }
-    }
-    let head =
-        std::str::from_utf8(&buf[..len]).map_err(|_| "request head is not UTF-8".to_string())?;
-    let mut parts = head.lines().next().unwrap_or("").split(' ');
-    match (parts.next(), parts.next(), parts.next(), parts.next()) {
-        (Some(method), Some(target), Some(version), None) if version.starts_with("HTTP/1.") => {
-            Ok((method.to_string(), target.to_string()))
-        }
-        _ => Err("malformed request line".into()),
-    }
+/// The layer's answer to a request of a tenant already over its barrier.
+fn over_barrier(e: Exceeded) -> Response {
+    let body = format!("tenant {} is over its barrier: {e}\n", e.id);
+    (StatusCode::INSUFFICIENT_STORAGE, body).into_response()
 }
 
 /// The value of `key` in a query string.
@@ -289,25 +294,38 @@ fn query_param<'a>(query: &'a str, key: &str) -> Option<&'a str> {
         .find_map(|kv| kv.strip_prefix(key)?.strip_prefix('='))
 }
 
-/// `/t/<tenant>/work?kib=N`: builds an N KiB document for the tenant, under its guard.
-fn work(tenant: &Tenant, query: &str) -> Response {
-    let kib = match query_param(query, "kib").map(str::parse::<u64>) {
-        Some(Ok(k)) if (1..=MAX_KIB).contains(&k) => k,
-        _ => return Response::text(400, format!("work needs kib=N with N in 1..={MAX_KIB}\n")),
+/// `/t/<tenant>/work?kib=N`: builds an N KiB document for the tenant. The layer runs this
+/// inside the tenant's beancounter.
+async fn work(
+    State(tenants): State<SharedTenants>,
+    Path(name): Path<String>,
+    RawQuery(query): RawQuery,
+) -> (StatusCode, String) {
+    let Some(tenant) = read(&tenants).get(&name) else {
+        return (StatusCode::NOT_FOUND, format!("no tenant `{name}`\n"));
     };
+    let kib = match query_param(query.as_deref().unwrap_or(""), "kib").map(str::parse::<u64>) {
+        Some(Ok(k)) if (1..=MAX_KIB).contains(&k) => k,
+        _ => {
+            let msg = format!("work needs kib=N with N in 1..={MAX_KIB}\n");
+            return (StatusCode::BAD_REQUEST, msg);
+        }
+    };
+    debug_assert_eq!(
+        beancounter::current_id(),
+        tenant.bc.id(),
+        "the layer's tenant"
+    );
     let bytes = (kib << 10) as usize;
-    let _guard = tenant.bc.enter();
     let mut doc: Vec<u8> = Vec::new();
     // Tenant-sized, so checked against the barrier: refused gracefully, never an abort.
     if beancounter::fallible(|| doc.try_reserve_exact(bytes)).is_err() {
         let s = tenant.bc.stat(Resource::Memory);
-        return Response::text(
-            507,
-            format!(
-                "tenant {}: {bytes} bytes refused: held {} + {bytes} > barrier {} (failcnt {})\n",
-                tenant.name, s.held, s.barrier, s.failcnt
-            ),
+        let msg = format!(
+            "tenant {}: {bytes} bytes refused: held {} + {bytes} > barrier {} (failcnt {})\n",
+            tenant.name, s.held, s.barrier, s.failcnt
         );
+        return (StatusCode::INSUFFICIENT_STORAGE, msg);
     }
     // Fill it (touching every page, as a real document would: RSS shows what was granted).
     let page = format!("{} says hello\n", tenant.name).repeat(256);
@@ -315,103 +333,95 @@ fn work(tenant: &Tenant, query: &str) -> Response {
         let n = page.len().min(bytes - doc.len());
         doc.extend_from_slice(&page.as_bytes()[..n]);
     }
-    Response::text(200, format!("tenant {} built {kib} KiB\n", tenant.name))
+    let msg = format!("tenant {} built {kib} KiB\n", tenant.name);
+    (StatusCode::OK, msg)
 }
 
-fn route(method: &str, target: &str, tenants: &[Tenant]) -> Response {
-    if method != "GET" {
-        return Response::text(405, "only GET is served\n".into());
-    }
-    let (path, query) = target.split_once('?').unwrap_or((target, ""));
-    match path {
-        "/beancounters" => Response::text(200, beancounter::report::user_beancounters()),
-        "/metrics" => Response {
-            status: 200,
-            content_type: "text/plain; version=0.0.4",
-            body: beancounter::report::prometheus(),
-        },
-        _ => match path.strip_prefix("/t/").and_then(|p| p.split_once('/')) {
-            Some((name, "work")) => match tenants.iter().find(|t| t.name == name) {
-                Some(t) => work(t, query),
-                None => Response::text(404, format!("no tenant `{name}`\n")),
-            },
-            _ => Response::text(
-                404,
-                "try /t/<tenant>/work?kib=N, /beancounters, /metrics\n".into(),
-            ),
-        },
-    }
+/// `/beancounters`: the `/proc/user_beancounters` table.
+async fn beancounters() -> String {
+    beancounter::report::user_beancounters()
 }
 
-fn serve(mut stream: TcpStream, tenants: &[Tenant]) {
-    // A client that sends nothing does not hold a worker for long.
-    let _ = stream.set_read_timeout(Some(Duration::from_secs(5)));
-    let response = match read_request(&mut stream) {
-        Ok((method, target)) => route(&method, &target, tenants),
-        Err(e) => Response::text(400, format!("{e}\n")),
+/// `/metrics`: the Prometheus text format.
+async fn metrics() -> impl IntoResponse {
+    let content_type = [(header::CONTENT_TYPE, "text/plain; version=0.0.4")];
+    (content_type, beancounter::report::prometheus())
+}
+
+/// Any other path.
+async fn not_found() -> (StatusCode, &'static str) {
+    let msg = "try /t/<tenant>/work?kib=N, /beancounters, /metrics\n";
+    (StatusCode::NOT_FOUND, msg)
+}
+
+/// The routes, with every request run in the tenant [`tenant_of`] picks.
+fn app(tenants: SharedTenants) -> Router {
+    let pick = {
+        let tenants = tenants.clone();
+        move |req: &Request<Body>| tenant_of(&tenants, req)
     };
-    let _ = response.write_to(&mut stream);
-    let _ = stream.shutdown(Shutdown::Write);
+    Router::new()
+        .route("/t/{tenant}/work", get(work))
+        .route("/beancounters", get(beancounters))
+        .route("/metrics", get(metrics))
+        .fallback(not_found)
+        .with_state(tenants)
+        .layer(TenantLayer::new(pick).refuse_with(over_barrier))
 }
 
-/// A running server: an acceptor thread feeding a pool of workers.
+/// A running server: axum on a tokio runtime of [`WORKERS`] worker threads.
 struct Server {
     addr: SocketAddr,
-    stop: Arc<AtomicBool>,
-    acceptor: JoinHandle<()>,
-    workers: Vec<JoinHandle<()>>,
+    runtime: tokio::runtime::Runtime,
+    stop: tokio::sync::oneshot::Sender<()>,
+    serving: tokio::task::JoinHandle<io::Result<()>>,
 }
 
 impl Server {
-    fn start(listener: TcpListener, tenants: Arc<Vec<Tenant>>) -> io::Result<Server> {
+    fn start(listener: TcpListener, tenants: SharedTenants) -> io::Result<Server> {
         let addr = listener.local_addr()?;
-        let (tx, rx) = mpsc::channel::<TcpStream>();
-        let rx = Arc::new(Mutex::new(rx));
-        let workers = (0..WORKERS)
-            .map(|_| {
-                let (rx, tenants) = (rx.clone(), tenants.clone());
-                std::thread::spawn(move || loop {
-                    let next = rx
-                        .lock()
-                        .map_err(drop)
-                        .and_then(|rx| rx.recv().map_err(drop));
-                    let Ok(stream) = next else { return };
-                    serve(stream, &tenants);
+        listener.set_nonblocking(true)?;
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(WORKERS)
+            .thread_name("tenant-server")
+            .enable_io()
+            .build()?;
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let serving = runtime.spawn(async move {
+            let listener = tokio::net::TcpListener::from_std(listener)?;
+            axum::serve(listener, app(tenants))
+                .with_graceful_shutdown(async {
+                    let _ = stopped.await;
                 })
-            })
-            .collect();
-        let stop = Arc::new(AtomicBool::new(false));
-        let acceptor = {
-            let stop = stop.clone();
-            std::thread::spawn(move || {
-                for stream in listener.incoming() {
-                    if stop.load(Ordering::Acquire) {
-                        return;
-                    }
-                    if let Ok(s) = stream {
-                        if tx.send(s).is_err() {
-                            return;
-                        }
-                    }
-                }
-            })
-        };
+                .await
+        });
         Ok(Server {
             addr,
+            runtime,
             stop,
-            acceptor,
-            workers,
+            serving,
         })
     }
 
-    /// Stops accepting, lets the workers finish what they have, and joins every thread.
-    fn shutdown(self) {
-        self.stop.store(true, Ordering::Release);
-        let _ = TcpStream::connect(self.addr); // wakes the acceptor
-        let _ = self.acceptor.join();
-        for w in self.workers {
-            let _ = w.join();
-        }
+    /// Serves until the server fails.
+    fn wait(self) -> io::Result<()> {
+        // Holding `stop`: dropping it would end the server like sending on it.
+        let Server {
+            runtime,
+            stop: _stop,
+            serving,
+            ..
+        } = self;
+        runtime.block_on(serving).map_err(io::Error::other)?
+    }
+
+    /// Stops accepting, lets the connections finish what they have and close, and joins
+    /// every worker.
+    fn shutdown(self) -> io::Result<()> {
+        let _ = self.stop.send(());
+        let served = self.runtime.block_on(self.serving);
+        drop(self.runtime);
+        served.map_err(io::Error::other)?
     }
 }
 
@@ -437,23 +447,31 @@ impl DemoSize {
     };
 }
 
-/// `GET path` on a fresh connection: status, head, body.
-fn get(addr: SocketAddr, path: &str) -> io::Result<(u16, String, String)> {
-    let mut s = TcpStream::connect(addr)?;
-    write!(
-        s,
-        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
-    )?;
-    let mut raw = String::new();
-    s.read_to_string(&mut raw)?;
-    let bad = || io::Error::new(io::ErrorKind::InvalidData, format!("bad answer to {path}"));
-    let (head, body) = raw.split_once("\r\n\r\n").ok_or_else(bad)?;
-    let status = head
-        .split(' ')
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .ok_or_else(bad)?;
-    Ok((status, head.to_string(), body.to_string()))
+/// An HTTP client for the server on loopback: answers of every status are answers (not
+/// errors), and no proxy from the environment is ever used.
+fn client() -> ureq::Agent {
+    let config = ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .proxy(None)
+        .timeout_global(Some(Duration::from_secs(30)))
+        .build();
+    ureq::Agent::new_with_config(config)
+}
+
+/// One answer: status, `Content-Type`, body.
+type Answer = (u16, String, String);
+
+/// `GET path` from the server at `addr`.
+fn fetch(agent: &ureq::Agent, addr: SocketAddr, path: &str) -> Result<Answer, ureq::Error> {
+    let mut response = agent.get(format!("http://{addr}{path}")).call()?;
+    let content_type = response
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+        .to_string();
+    let body = response.body_mut().read_to_string()?;
+    Ok((response.status().as_u16(), content_type, body))
 }
 
 /// Answers and latencies the clients of one phase saw.
@@ -470,10 +488,10 @@ struct Tally {
 
 impl Tally {
     /// Sends one work request and records how it went.
-    fn request(&mut self, addr: SocketAddr, tenant: &TenantConf, kib: u64) {
+    fn request(&mut self, agent: &ureq::Agent, addr: SocketAddr, tenant: &TenantConf, kib: u64) {
         self.oversized += u64::from(kib << 10 > tenant.limits.barrier);
         let started = Instant::now();
-        let answer = get(addr, &format!("/t/{}/work?kib={kib}", tenant.name));
+        let answer = fetch(agent, addr, &format!("/t/{}/work?kib={kib}", tenant.name));
         self.latencies.push(started.elapsed());
         match answer {
             Ok((200, ..)) => self.ok += 1,
@@ -502,8 +520,9 @@ impl Tally {
     }
 }
 
-/// Runs one client thread per tenant, each sending work requests of the sizes `sizes(i)`
-/// for `i = 0, 1, ...` until `go_on(i)` is false; returns what they all saw.
+/// Runs one client thread per tenant, each with its own HTTP client (one keep-alive
+/// connection), sending work requests of the sizes `sizes(i)` for `i = 0, 1, ...` until
+/// `go_on(i)` is false; returns what they all saw.
 fn clients(
     addr: SocketAddr,
     tenants: &[TenantConf],
@@ -516,10 +535,10 @@ fn clients(
         .map(|t| {
             let (sizes, go_on) = (sizes.clone(), go_on.clone());
             std::thread::spawn(move || {
-                let mut tally = Tally::default();
+                let (agent, mut tally) = (client(), Tally::default());
                 let mut i = 0;
                 while go_on(i) {
-                    tally.request(addr, &t, sizes(&t, i));
+                    tally.request(&agent, addr, &t, sizes(&t, i));
                     i += 1;
                 }
                 tally
@@ -575,8 +594,8 @@ struct Measured {
     noisy: Tally,
     elapsed: Duration,
     sampled_rss: u64,
-    beancounters: (u16, String, String),
-    metrics: (u16, String, String),
+    beancounters: Answer,
+    metrics: Answer,
     /// Per tenant: name, then `stat()` of memory and allocations once idle.
     settled: Vec<(String, ResourceStat, ResourceStat)>,
 }
@@ -585,7 +604,8 @@ struct Measured {
 /// one asking for an 8th and 3/8 of its barrier (granted) and 16 times its barrier
 /// (refused), in turn, on `noisy_clients` connections at a time.
 fn drive(conf: &[TenantConf], noisy: &TenantConf, size: &DemoSize) -> Result<Measured, String> {
-    let tenants = Arc::new(create_tenants(conf).map_err(|e| e.to_string())?);
+    let tenants = Tenants::from_config(conf).map_err(|e| e.to_string())?;
+    let tenants: SharedTenants = Arc::new(RwLock::new(tenants));
     let listener = TcpListener::bind("127.0.0.1:0").map_err(|e| e.to_string())?;
     let server = Server::start(listener, tenants.clone()).map_err(|e| e.to_string())?;
     let addr = server.addr;
@@ -627,10 +647,18 @@ fn drive(conf: &[TenantConf], noisy: &TenantConf, size: &DemoSize) -> Result<Mea
     let elapsed = started.elapsed();
     let _ = sampler.join();
 
-    // Every request is answered and its connection closed: what does the server report?
-    let beancounters = get(addr, "/beancounters").map_err(|e| e.to_string())?;
-    let metrics = get(addr, "/metrics").map_err(|e| e.to_string())?;
-    let settled = tenants
+    // Every request is answered: what does the server report?
+    let agent = client();
+    let beancounters = fetch(&agent, addr, "/beancounters").map_err(|e| e.to_string())?;
+    let metrics = fetch(&agent, addr, "/metrics").map_err(|e| e.to_string())?;
+    drop(agent);
+    // Once every connection is closed (the server waits for them) and its workers are gone,
+    // what does each tenant still hold?
+    server
+        .shutdown()
+        .map_err(|e| format!("the server failed: {e}"))?;
+    let settled = read(&tenants)
+        .all()
         .iter()
         .map(|t| {
             (
@@ -640,7 +668,6 @@ fn drive(conf: &[TenantConf], noisy: &TenantConf, size: &DemoSize) -> Result<Mea
             )
         })
         .collect();
-    server.shutdown();
     let joined =
         |t: std::thread::Result<Tally>| t.map_err(|_| "a client thread panicked".to_string());
     Ok(Measured {
@@ -732,9 +759,9 @@ fn run_demo(conf: &[TenantConf], size: &DemoSize) -> Result<Vec<String>, String>
         .collect();
     let (status, _, table) = &m.beancounters;
     let table_fc = table_failcnt(table, noisy.id).filter(|_| *status == 200);
-    let (status, head, text) = &m.metrics;
+    let (status, content_type, text) = &m.metrics;
     let metrics_fc = metrics_failcnt(text, noisy.id)
-        .filter(|_| *status == 200 && head.contains("Content-Type: text/plain; version=0.0.4"));
+        .filter(|_| *status == 200 && content_type == "text/plain; version=0.0.4");
     let checks = [
         (refused > 0, format!("noisy refused {refused} > 0")),
         (
@@ -828,9 +855,10 @@ fn run() -> Result<(), String> {
             false => Err(format!("--demo FAILED: {}", failed.join("; "))),
         };
     }
-    let tenants = create_tenants(&conf).map_err(|e| e.to_string())?;
+    let tenants = Tenants::from_config(&conf).map_err(|e| e.to_string())?;
     let listener = TcpListener::bind(("127.0.0.1", args.port)).map_err(|e| e.to_string())?;
-    let server = Server::start(listener, Arc::new(tenants)).map_err(|e| e.to_string())?;
+    let server =
+        Server::start(listener, Arc::new(RwLock::new(tenants))).map_err(|e| e.to_string())?;
     let (a, t) = (server.addr, &conf[0]);
     println!(
         "tenant_server on http://{a}/ with {} tenants; try:",
@@ -844,8 +872,7 @@ fn run() -> Result<(), String> {
     );
     println!("  curl http://{a}/beancounters");
     println!("  curl -i http://{a}/metrics");
-    let _ = server.acceptor.join();
-    Ok(())
+    server.wait().map_err(|e| e.to_string())
 }
 
 fn main() -> ExitCode {

@@ -26,6 +26,9 @@
 //!    one counter: add, check, publish
 //! report.rs: snapshots, the /proc/user_beancounters table, Prometheus text, event
 //!    watching; above the accounting stack, for host threads only
+//! integrations/: tokio.rs (features `tokio`), tower.rs (`tower`): thin adapters over A2
+//!    (spawn in the fork beancounter, a layer entering the request's tenant); above the
+//!    accounting stack like report.rs
 //! ------------------------------------------------------------------------------------
 //! L0 os/        anonymous mappings, madvise, mremap, the coarse clock; never allocates
 //!    sync.rs    the one switch between std and loom primitives
@@ -53,6 +56,8 @@ compile_error!("beancounter supports 64-bit Linux");
 
 mod accounting;
 mod alloc;
+#[cfg(any(feature = "tokio", feature = "tower"))]
+mod integrations;
 mod os;
 pub mod report;
 mod sync;
@@ -90,4 +95,76 @@ pub use alloc::global::{check_heap, drain_stock, fail_next_os_maps, mapped_bytes
 /// ```
 pub mod thread {
     pub use crate::accounting::spawn::{spawn, Builder};
+}
+
+/// Tokio tasks that start in the spawning context's fork beancounter and keep it, whichever
+/// worker polls them (feature `tokio`).
+///
+/// A plain `tokio::spawn` starts the task with nothing of the spawner's context: it runs in
+/// whatever tenant the worker thread runs for (the root, unless the runtime's workers
+/// [adopted](crate::Beancounter::adopt) one).
+///
+/// # Examples
+/// ```
+/// use beancounter::BcId;
+/// let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).build().unwrap();
+/// let t = beancounter::find_or_create(BcId(62)).unwrap();
+/// let _rt = rt.enter(); // spawn onto `rt` from this thread
+/// let guard = t.enter(); // as a request handler in tenant 62 would be
+/// let task = beancounter::tokio::spawn(async {
+///     let ours = beancounter::tokio::spawn(async { beancounter::current_id() });
+///     let plain = tokio::spawn(async { beancounter::current_id() });
+///     (ours.await.unwrap(), plain.await.unwrap())
+/// });
+/// drop(guard);
+/// let (ours, plain) = rt.block_on(task).unwrap();
+/// assert_eq!(ours, BcId(62)); // inherited from the task that spawned it
+/// assert_eq!(plain, BcId::ROOT); // whatever the worker runs for
+/// ```
+#[cfg(feature = "tokio")]
+pub mod tokio {
+    pub use crate::integrations::tokio::{spawn, spawn_blocking};
+}
+
+/// A tower `Layer` that runs each request in the tenant a closure picks from it, and can
+/// refuse the requests of a tenant over its barrier (feature `tower`).
+///
+/// For each request, the closure of [`TenantLayer`](tower::TenantLayer) returns
+/// `Some(tenant)` or `None`. With a tenant, the inner service's `call` and every poll (and
+/// the drop) of its response future run inside it, as exec and fork beancounter, whichever
+/// worker polls it: what the handler allocates is charged to the tenant, and tasks it spawns
+/// with [`beancounter::tokio::spawn`](crate::tokio::spawn) start there. With `None` the
+/// request runs where it already runs.
+///
+/// [`refuse_with`](tower::TenantLayer::refuse_with) adds the guarded behaviour: a request of
+/// a tenant over its barrier is answered with the response a closure builds from the
+/// [`Exceeded`], before the inner service sees it or at the first poll after the tenant
+/// crossed its barrier. The service's error type stays the inner service's, so the layer
+/// fits axum's `Router::layer` with no `HandleErrorLayer`.
+///
+/// # Examples
+/// ```
+/// use axum::{body::Body, extract::Path, http::{Request, StatusCode}, response::IntoResponse};
+/// use axum::{routing::get, Router};
+/// use beancounter::{tower::TenantLayer, BcId, Beancounter, Exceeded};
+///
+/// /// `/t/<id>/...` runs in tenant `<id>`; everything else in the host.
+/// fn tenant_of(req: &Request<Body>) -> Option<Beancounter> {
+///     let id = req.uri().path().strip_prefix("/t/")?.split('/').next()?.parse().ok()?;
+///     beancounter::lookup(BcId(id))
+/// }
+///
+/// let app: Router = Router::new()
+///     .route("/t/{id}/hello", get(|Path(id): Path<u32>| async move { format!("hello {id}") }))
+///     .route("/health", get(|| async { "ok" }))
+///     .layer(TenantLayer::new(tenant_of).refuse_with(|e: Exceeded| {
+///         (StatusCode::INSUFFICIENT_STORAGE, e.to_string()).into_response()
+///     }));
+/// # let _ = app;
+/// ```
+#[cfg(feature = "tower")]
+pub mod tower {
+    pub use crate::integrations::tower::{
+        GuardedTenantFuture, TenantFuture, TenantLayer, TenantService, Unguarded,
+    };
 }
