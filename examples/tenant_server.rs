@@ -36,6 +36,14 @@
 //! server's tenants live in a [`Tenants`] table behind an `Arc<RwLock<..>>` that handlers and
 //! the layer read per request, so a reload can swap in a new table while requests run.
 //!
+//! # Reload
+//! With `--config FILE`, `kill -HUP <pid>` reloads the file ([`reload`]): a tenant is its
+//! id, so ids new to the file are created, kept ids take the file's limits (a name may
+//! change), and ids no longer in it are retired ([`Beancounter::retire`]): they leave the
+//! table, `/beancounters` and `/metrics` at once, their requests in flight finish, and what
+//! they still hold is charged to the host until freed. A bad file is reported and changes
+//! nothing; so does a reload that cannot create a tenant.
+//!
 //! # How memory is kept in bounds
 //! - The document is reserved inside [`beancounter::fallible`], so the reservation is
 //!   checked against the tenant's **barrier**: over it, `try_reserve` returns `Err` and the
@@ -58,7 +66,10 @@
 //! tenant was refused and its `failcnt` matches, the others were never refused, RSS stayed
 //! within the sum of the limits plus [`RSS_OVERHEAD`], every tenant is back to (almost)
 //! nothing held once the server has closed its connections, and `/beancounters` and
-//! `/metrics` parse and show the `failcnt`.
+//! `/metrics` parse and show the `failcnt`. Last, it reloads as an operator would: it writes
+//! a new config (one tenant's limits changed, one removed, `dave` added), sends itself
+//! `SIGHUP`, and checks that the removed tenant is gone (`404`, not in `lookup` or
+//! `/beancounters`), `dave` is served and the new limits hold.
 
 use axum::body::Body;
 use axum::extract::{Path, RawQuery, State};
@@ -266,6 +277,90 @@ impl Tenants {
     }
 }
 
+/// What a reload changed, by tenant name.
+#[derive(Debug, Default, PartialEq, Eq)]
+struct Reloaded {
+    created: Vec<String>,
+    changed: Vec<String>,
+    retired: Vec<String>,
+}
+
+impl std::fmt::Display for Reloaded {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "created {:?}, limits changed {:?}, retired {:?}",
+            self.created, self.changed, self.retired
+        )
+    }
+}
+
+/// Applies a new config to the served table, as an operator's `SIGHUP` asks. A tenant is
+/// its id (a line may rename it): ids new to the config are created, kept ids get the
+/// config's limits (`set_limits`, the seed's `set_bclimit`; limits below what a tenant
+/// holds stop its new requests, nothing is taken away), and ids no longer in the config
+/// are retired once the new table is in place, so no new request finds them. What a
+/// retired tenant still holds is charged to the host until it is freed; requests of its
+/// still in flight finish there.
+///
+/// All or nothing: if a tenant cannot be created (the table is full), those created so far
+/// are retired again and the served table and every limit stay as they were.
+fn reload(tenants: &SharedTenants, conf: &[TenantConf]) -> Result<Reloaded, BcError> {
+    let mut done = Reloaded::default();
+    let old = read(tenants).by_name.clone();
+    let kept = |id: BcId| old.values().find(|t| t.bc.id() == id);
+    let mut created = Vec::new();
+    for c in conf.iter().filter(|c| kept(c.id).is_none()) {
+        match beancounter::find_or_create(c.id) {
+            Ok(bc) => created.push((c, bc)),
+            Err(e) => {
+                for (_, bc) in created {
+                    // Just created by this reload and never served: nothing refers to it.
+                    let _ = bc.retire();
+                }
+                return Err(e);
+            }
+        }
+    }
+    let mut by_name = HashMap::new();
+    for c in conf {
+        let bc = match kept(c.id) {
+            Some(t) => {
+                let s = t.bc.stat(Resource::Memory);
+                if (s.barrier, s.limit) != (c.limits.barrier, c.limits.limit) {
+                    done.changed.push(c.name.clone());
+                }
+                t.bc.clone()
+            }
+            None => {
+                done.created.push(c.name.clone());
+                let at = created.iter().position(|(n, _)| n.id == c.id);
+                created.swap_remove(at.expect("created above")).1
+            }
+        };
+        // Limits from a parsed config are valid, and a live tenant takes any valid ones.
+        bc.set_limits(Resource::Memory, c.limits)?;
+        let tenant = Tenant {
+            name: c.name.clone(),
+            bc,
+        };
+        by_name.insert(c.name.clone(), Arc::new(tenant));
+    }
+    let gone: Vec<Arc<Tenant>> = old
+        .into_values()
+        .filter(|t| conf.iter().all(|c| c.id != t.bc.id()))
+        .collect();
+    *tenants.write().unwrap_or_else(|e| e.into_inner()) = Tenants { by_name };
+    for t in gone {
+        done.retired.push(t.name.clone());
+        t.bc.clone().retire()?;
+    }
+    done.created.sort();
+    done.changed.sort();
+    done.retired.sort();
+    Ok(done)
+}
+
 /// The tenant table, for reading.
 fn read(tenants: &SharedTenants) -> std::sync::RwLockReadGuard<'_, Tenants> {
     // A panic while the table was written cannot leave it half-built (it is swapped whole).
@@ -369,6 +464,40 @@ fn app(tenants: SharedTenants) -> Router {
         .layer(TenantLayer::new(pick).refuse_with(over_barrier))
 }
 
+/// Where a `SIGHUP` reloads the config from, and who is told what each reload did.
+struct ReloadFrom {
+    path: std::path::PathBuf,
+    told: Option<std::sync::mpsc::Sender<Result<Reloaded, String>>>,
+}
+
+/// Reads, checks and applies the config at `path`; a bad file changes nothing.
+fn reload_file(tenants: &SharedTenants, path: &std::path::Path) -> Result<Reloaded, String> {
+    let text = std::fs::read_to_string(path).map_err(|e| e.to_string())?;
+    let conf = parse_config(&text).map_err(|e| e.to_string())?;
+    reload(tenants, &conf).map_err(|e| e.to_string())
+}
+
+/// The server's `SIGHUP` handler: each hangup reloads the config file.
+async fn reload_on_hangup(
+    mut hangups: tokio::signal::unix::Signal,
+    tenants: SharedTenants,
+    from: ReloadFrom,
+) {
+    while hangups.recv().await.is_some() {
+        let done = reload_file(&tenants, &from.path);
+        match &done {
+            Ok(r) => println!("tenant_server: reloaded {}: {r}", from.path.display()),
+            Err(e) => eprintln!(
+                "tenant_server: {}: {e}; the tenants stay as they were",
+                from.path.display()
+            ),
+        }
+        if let Some(told) = &from.told {
+            let _ = told.send(done);
+        }
+    }
+}
+
 /// A running server: axum on a tokio runtime of [`WORKERS`] worker threads.
 struct Server {
     addr: SocketAddr,
@@ -378,7 +507,13 @@ struct Server {
 }
 
 impl Server {
-    fn start(listener: TcpListener, tenants: SharedTenants) -> io::Result<Server> {
+    /// Serves `tenants` on `listener`; with `reload`, a `SIGHUP` to the process reloads the
+    /// config from its file (see [`reload`]).
+    fn start(
+        listener: TcpListener,
+        tenants: SharedTenants,
+        reload: Option<ReloadFrom>,
+    ) -> io::Result<Server> {
         let addr = listener.local_addr()?;
         listener.set_nonblocking(true)?;
         let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -386,6 +521,13 @@ impl Server {
             .thread_name("tenant-server")
             .enable_io()
             .build()?;
+        if let Some(from) = reload {
+            let hangups = {
+                let _in = runtime.enter();
+                tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())?
+            };
+            runtime.spawn(reload_on_hangup(hangups, tenants.clone(), from));
+        }
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let serving = runtime.spawn(async move {
             let listener = tokio::net::TcpListener::from_std(listener)?;
@@ -598,6 +740,8 @@ struct Measured {
     metrics: Answer,
     /// Per tenant: name, then `stat()` of memory and allocations once idle.
     settled: Vec<(String, ResourceStat, ResourceStat)>,
+    /// The checks of the reload (`demo_reload`).
+    reload: Vec<(bool, String)>,
 }
 
 /// Runs the server and the two phases: the well-behaved tenants alone, then with the noisy
@@ -607,7 +751,15 @@ fn drive(conf: &[TenantConf], noisy: &TenantConf, size: &DemoSize) -> Result<Mea
     let tenants = Tenants::from_config(conf).map_err(|e| e.to_string())?;
     let tenants: SharedTenants = Arc::new(RwLock::new(tenants));
     let listener = TcpListener::bind("127.0.0.1:0").map_err(|e| e.to_string())?;
-    let server = Server::start(listener, tenants.clone()).map_err(|e| e.to_string())?;
+    // The config a SIGHUP will load, written just before the demo sends it.
+    let reload_path =
+        std::env::temp_dir().join(format!("tenant_server-{}.conf", std::process::id()));
+    let (told, reloads) = std::sync::mpsc::channel();
+    let from = ReloadFrom {
+        path: reload_path.clone(),
+        told: Some(told),
+    };
+    let server = Server::start(listener, tenants.clone(), Some(from)).map_err(|e| e.to_string())?;
     let addr = server.addr;
     println!(
         "tenant_server on {addr}, {WORKERS} workers, {} tenants",
@@ -651,6 +803,8 @@ fn drive(conf: &[TenantConf], noisy: &TenantConf, size: &DemoSize) -> Result<Mea
     let agent = client();
     let beancounters = fetch(&agent, addr, "/beancounters").map_err(|e| e.to_string())?;
     let metrics = fetch(&agent, addr, "/metrics").map_err(|e| e.to_string())?;
+    let reload = demo_reload(&agent, addr, conf, &reload_path, &reloads);
+    let _ = std::fs::remove_file(&reload_path);
     drop(agent);
     // Once every connection is closed (the server waits for them) and its workers are gone,
     // what does each tenant still hold?
@@ -679,7 +833,94 @@ fn drive(conf: &[TenantConf], noisy: &TenantConf, size: &DemoSize) -> Result<Mea
         beancounters,
         metrics,
         settled,
+        reload: reload?,
     })
+}
+
+/// The config as text, one `tenant` line each.
+fn config_text(conf: &[TenantConf]) -> String {
+    conf.iter()
+        .map(|t| {
+            let (b, l) = (t.limits.barrier, t.limits.limit);
+            format!("tenant {} {} {b} {l}\n", t.name, t.id.0)
+        })
+        .collect()
+}
+
+/// An operator's reload, as the demo's last step: the first tenant's barrier doubles, the
+/// third is removed, `dave` is added; the new config is written to `path` and the process
+/// sends itself `SIGHUP`. Returns what was checked, as `(ok, what)`.
+fn demo_reload(
+    agent: &ureq::Agent,
+    addr: SocketAddr,
+    conf: &[TenantConf],
+    path: &std::path::Path,
+    reloads: &std::sync::mpsc::Receiver<Result<Reloaded, String>>,
+) -> Result<Vec<(bool, String)>, String> {
+    let [first, _, removed, ..] = conf else {
+        return Err("the demo's reload needs at least three tenants".into());
+    };
+    let mut next: Vec<TenantConf> = conf
+        .iter()
+        .filter(|t| t.id != removed.id)
+        .cloned()
+        .collect();
+    let b = first.limits.barrier * 2;
+    next[0].limits = Limits::new(b, b + (first.limits.limit - first.limits.barrier))
+        .map_err(|e| e.to_string())?;
+    let free_id = (1..)
+        .map(BcId)
+        .find(|id| conf.iter().all(|t| t.id != *id))
+        .unwrap();
+    next.push(TenantConf {
+        name: "dave".into(),
+        id: free_id,
+        limits: first.limits,
+    });
+    std::fs::write(path, config_text(&next)).map_err(|e| e.to_string())?;
+    // SAFETY: raise only delivers a signal; the server's handler takes SIGHUP.
+    unsafe { libc::raise(libc::SIGHUP) };
+    let done = reloads
+        .recv_timeout(Duration::from_secs(10))
+        .map_err(|e| format!("no reload after SIGHUP: {e}"))?;
+    let want = Reloaded {
+        created: vec!["dave".into()],
+        changed: vec![first.name.clone()],
+        retired: vec![removed.name.clone()],
+    };
+    println!(
+        "SIGHUP reload: {}",
+        done.as_ref().map_or_else(|e| e.clone(), |r| r.to_string())
+    );
+    let status = |path: &str| fetch(agent, addr, path).map_or(0, |a| a.0);
+    let gone = status(&format!("/t/{}/work?kib=1", removed.name));
+    let added = status("/t/dave/work?kib=64");
+    let table = fetch(agent, addr, "/beancounters")
+        .map_err(|e| e.to_string())?
+        .2;
+    let listed = |id: BcId| table_failcnt(&table, id).is_some();
+    let barrier = beancounter::lookup(first.id).map(|t| t.stat(Resource::Memory).barrier);
+    Ok(vec![
+        (
+            done.as_ref() == Ok(&want),
+            format!("SIGHUP reload {done:?} == {want:?}"),
+        ),
+        (
+            gone == 404 && beancounter::lookup(removed.id).is_none() && !listed(removed.id),
+            format!(
+                "retired `{}`: 404 ({gone}), gone from lookup and /beancounters",
+                removed.name
+            ),
+        ),
+        (
+            added == 200 && listed(free_id),
+            format!("new `dave`: 200 ({added}), listed in /beancounters"),
+        ),
+        (
+            barrier == Some(b),
+            format!("`{}`'s barrier is now {b} ({barrier:?})", first.name),
+        ),
+    ])
 }
 
 /// Runs the demo, prints what it measured and checked; `Ok` holds the failed checks.
@@ -797,7 +1038,7 @@ fn run_demo(conf: &[TenantConf], size: &DemoSize) -> Result<Vec<String>, String>
     ];
     println!("checks:");
     let mut failed = Vec::new();
-    for (ok, what) in checks {
+    for (ok, what) in checks.into_iter().chain(m.reload.drain(..)) {
         println!("  [{}] {what}", if ok { "ok" } else { "FAIL" });
         if !ok {
             failed.push(what);
@@ -857,8 +1098,12 @@ fn run() -> Result<(), String> {
     }
     let tenants = Tenants::from_config(&conf).map_err(|e| e.to_string())?;
     let listener = TcpListener::bind(("127.0.0.1", args.port)).map_err(|e| e.to_string())?;
-    let server =
-        Server::start(listener, Arc::new(RwLock::new(tenants))).map_err(|e| e.to_string())?;
+    let reload = args.config.as_ref().map(|path| ReloadFrom {
+        path: path.into(),
+        told: None,
+    });
+    let server = Server::start(listener, Arc::new(RwLock::new(tenants)), reload)
+        .map_err(|e| e.to_string())?;
     let (a, t) = (server.addr, &conf[0]);
     println!(
         "tenant_server on http://{a}/ with {} tenants; try:",
@@ -872,6 +1117,12 @@ fn run() -> Result<(), String> {
     );
     println!("  curl http://{a}/beancounters");
     println!("  curl -i http://{a}/metrics");
+    if let Some(path) = &args.config {
+        println!(
+            "  kill -HUP {}   # reloads {path}: new tenants, new limits, removed ones retired",
+            std::process::id()
+        );
+    }
     server.wait().map_err(|e| e.to_string())
 }
 
@@ -894,6 +1145,43 @@ mod tests {
     fn demo() {
         let failed = run_demo(&parse_config(DEFAULT_CONFIG).unwrap(), &DemoSize::SHORT).unwrap();
         assert!(failed.is_empty(), "{failed:#?}");
+    }
+
+    /// A reload from a bad file changes nothing; a good one creates, changes and retires by
+    /// id. (A reload that cannot create a tenant is not tried here: filling the table in a
+    /// test binary would starve the demo running beside it.)
+    #[test]
+    fn reload_is_all_or_nothing() {
+        let conf = parse_config("tenant x 901 1M 2M\ntenant y 902 1M 2M\n").unwrap();
+        let tenants: SharedTenants = Arc::new(RwLock::new(Tenants::from_config(&conf).unwrap()));
+        let names = |t: &SharedTenants| {
+            read(t)
+                .all()
+                .iter()
+                .map(|t| t.name.clone())
+                .collect::<Vec<_>>()
+        };
+        let path =
+            std::env::temp_dir().join(format!("tenant_server-test-{}.conf", std::process::id()));
+        assert!(reload_file(&tenants, &path).is_err(), "no such file");
+        std::fs::write(&path, "tenant x 901 1M 2M\ntenant z 903 8M 4M\n").unwrap();
+        let e = reload_file(&tenants, &path).unwrap_err();
+        assert!(e.contains("line 2"), "{e}");
+        assert_eq!(names(&tenants), ["x", "y"]);
+        assert!(beancounter::lookup(BcId(903)).is_none());
+        std::fs::write(&path, "tenant x 901 3M 5M\ntenant z 903 1M 2M\n").unwrap();
+        let done = reload_file(&tenants, &path).unwrap();
+        assert_eq!(
+            done,
+            Reloaded {
+                created: vec!["z".into()],
+                changed: vec!["x".into()],
+                retired: vec!["y".into()],
+            }
+        );
+        assert_eq!(names(&tenants), ["x", "z"]);
+        assert!(beancounter::lookup(BcId(902)).is_none());
+        let _ = std::fs::remove_file(&path);
     }
 
     #[test]
