@@ -7,23 +7,31 @@
 //!
 //! ```text
 //! accounting (who pays)                  allocator (where bytes live)
-//!                                        L4 alloc/global.rs: GlobalAlloc, BcAllocator;
-//!                                           the only module that uses both stacks
-//! A3 accounting/stock.rs: a thread's     L3 alloc/thread_cache.rs: per-thread heaps,
-//!    stock entries, one per tenant;         bins, abandon/reclaim at thread exit
-//!    reclaim.rs: taking them back        L2 alloc/slab.rs, remote.rs: one size class
-//!    before refusing; stock_table.rs:       per slab, owner tags, lock-free remote
-//!    the process's slots and the            frees
-//!    thread's own                        L1 alloc/run.rs, page_map.rs, size_class.rs:
-//! A2 accounting/context.rs, spawn.rs,       segments, page runs, huge blocks, purging
-//!    future.rs: exec/fork, guards,          by age, pointer -> metadata
+//! API accounting/handle.rs, api.rs: the  L4 alloc/global.rs: GlobalAlloc, BcAllocator;
+//!    public calls over A1-A3 (handle        the only module that uses both stacks
+//!    methods, lookup, stat, checkpoint,  L3 alloc/thread_cache.rs: per-thread heaps,
+//!    retire)                                bins, abandon/reclaim at thread exit
+//! A3 accounting/stock.rs: a thread's     L2 alloc/slab.rs, remote.rs: one size class
+//!    stock entries, one per tenant;         per slab, owner tags, batched remote
+//!    reclaim.rs: taking them back           frees
+//!    before refusing; stock_table.rs:    L1 alloc/run.rs, page_map.rs, size_class.rs:
+//!    the process's slots and the            segments, page runs, huge blocks, purging
+//!    thread's own                           by age, pointer -> metadata
+//! A2 accounting/context.rs, spawn.rs,
+//!    future.rs: exec/fork, guards,
 //!    severity scopes, spawn, futures
-//! A1 accounting/registry.rs: slots, ids,
-//!    lifetime, hierarchy walk;
-//!    handle.rs: the public API over
-//!    A1-A3 (handles, stat, checkpoint)
+//! A1 accounting/registry/: table.rs
+//!    (records, slots, the id map),
+//!    walk.rs (the hierarchy walk,
+//!    through retired records),
+//!    lifetime.rs (create, lookup,
+//!    references, reap, retire);
+//!    reference.rs: the `Beancounter`
+//!    handle type
 //! A0 accounting/beancounter.rs, types.rs:
-//!    one counter: add, check, publish
+//!    one counter: add, check, publish;
+//!    fence.rs: the stock protocol's
+//!    fences and waits
 //! report.rs: snapshots, the /proc/user_beancounters table, Prometheus text, event
 //!    watching; above the accounting stack, for host threads only
 //! integrations/: tokio.rs (features `tokio`), tower.rs (`tower`): thin adapters over A2

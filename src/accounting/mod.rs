@@ -5,6 +5,7 @@
 //! they build on are what the models explore.
 
 pub(crate) mod beancounter;
+pub(crate) mod fence;
 pub(crate) mod registry;
 pub(crate) mod types;
 

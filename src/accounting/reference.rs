@@ -6,7 +6,7 @@ use super::types::BcId;
 use core::fmt;
 
 /// A handle to one beancounter. Cloning takes a reference; the beancounter lives while any
-/// handle, thread context, RAII [`Charge`] or charged object refers to it.
+/// handle, thread context, RAII [`Charge`](crate::Charge) or charged object refers to it.
 ///
 /// # Examples
 /// ```

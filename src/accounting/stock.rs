@@ -224,7 +224,7 @@ impl StockSlot {
     #[inline]
     fn fast<R>(&self, f: impl FnOnce() -> R) -> Option<R> {
         self.busy.store(1, Relaxed);
-        super::reclaim::owner_fence();
+        super::fence::owner_fence();
         // Acquire: if this reads the 0 a reclaimer stores when it is done, what it did to
         // the entries (emptied them) must be visible here.
         if self.steal.load(Acquire) != 0 {
@@ -283,7 +283,7 @@ impl StockSlot {
             .compare_exchange_weak(0, 1, Acquire, Relaxed)
             .is_err()
         {
-            super::reclaim::spin();
+            super::fence::spin();
         }
     }
 
@@ -431,7 +431,7 @@ pub(crate) fn charge_pair_undo(reg: &Registry, bc: u32, bytes: u64) {
 /// The batch a refill for `bc` may take: at most `STOCK_BYTES`/`STOCK_OBJECTS`, and at
 /// most `headroom / (2 × CPUs)` of the tightest limit on the way up.
 fn batch(reg: &Registry, bc: u32) -> (u64, u64) {
-    let share = 2 * super::reclaim::cpus();
+    let share = 2 * super::fence::cpus();
     let mem = reg.headroom(bc, MEMORY) / share;
     let objs = reg.headroom(bc, ALLOCATIONS) / share;
     (mem.min(STOCK_BYTES), objs.min(STOCK_OBJECTS))

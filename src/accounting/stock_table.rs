@@ -6,7 +6,8 @@
 //! this one exits. More threads than slots, or a kernel without `membarrier`, charge
 //! directly.
 
-use super::reclaim::{membarrier, reclaim, Target};
+use super::fence::membarrier;
+use super::reclaim::{reclaim, Target};
 use super::registry::registry;
 use super::stock::{charge_pair, charge_pair_counted, charge_pair_undo, GiveBack, StockSlot};
 use super::stock::{ALLOCATIONS, MEMORY, NONE};
@@ -278,10 +279,10 @@ pub(crate) fn lock_for_fork() {
         s.lock();
         s.steal.store(1, Ordering::Relaxed);
     }
-    super::reclaim::reclaimer_fence();
+    super::fence::reclaimer_fence();
     for s in all_slots() {
         while s.busy.load(Ordering::Acquire) != 0 {
-            super::reclaim::spin();
+            super::fence::spin();
         }
     }
 }

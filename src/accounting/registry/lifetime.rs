@@ -230,7 +230,7 @@ impl Registry {
                 rec.state.fetch_or(RETIRED, Ordering::SeqCst);
                 // Every walk that read the record as live is done with its slot after this.
                 while rec.pins.load(Ordering::SeqCst) != 0 {
-                    crate::accounting::reclaim::spin();
+                    crate::accounting::fence::spin();
                 }
                 let slot = rec.slot.load(Ordering::Relaxed);
                 let s = self.slot_at(slot);
