@@ -245,6 +245,10 @@ pub fn register_resource(name: &'static str) -> Result<Resource, BcError> {
 /// (so a later [`find_or_create`] of its id finds the same counters) until this runs, or
 /// until a creation finds the table full, which runs it too.
 ///
+/// Retired beancounters are freed without `reap` as soon as nothing is charged through them
+/// and no handle refers to them; `reap` frees those whose last leftover went back through a
+/// thread's stock, and counts them too.
+///
 /// # Examples
 /// ```
 /// #[global_allocator]
@@ -263,9 +267,13 @@ pub fn register_resource(name: &'static str) -> Result<Resource, BcError> {
 /// # }
 /// ```
 pub fn reap() -> u32 {
+    let reg = registry();
+    // Giving back the stocks of records nobody refers to may free retired ones already.
+    let retired = reg.retired();
     // Stocks threads keep of a beancounter nobody refers to would keep it charged.
     stock_table::reclaim_unreferenced();
-    registry().reap()
+    let freed_by_reclaim = retired.saturating_sub(reg.retired());
+    freed_by_reclaim + reg.reap()
 }
 
 /// Slots in the beancounter table, root included: [`DEFAULT_CAPACITY`](crate::DEFAULT_CAPACITY)

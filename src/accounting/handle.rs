@@ -5,14 +5,15 @@
 use super::api::{create, over_barrier, true_stat};
 use super::beancounter::Events;
 pub(crate) use super::reference::Beancounter;
-use super::registry::registry;
+use super::registry::{registry, ROOT};
 use super::stock_table;
 use super::types::{BcError, BcId, Exceeded, Limits, Resource, ResourceStat, Severity};
 use core::fmt;
 
 impl Beancounter {
     /// The parent, for a beancounter made with [`new_child`](Self::new_child); `None` for
-    /// top-level beancounters and the root.
+    /// top-level beancounters and the root. If the parent was [retired](Self::retire), its
+    /// nearest live ancestor (where the charges go now), or `None` if there is none.
     ///
     /// # Examples
     /// ```
@@ -24,10 +25,11 @@ impl Beancounter {
     /// assert_eq!(beancounter::root().parent(), None);
     /// ```
     pub fn parent(&self) -> Option<Beancounter> {
-        // A child holds a reference on its parent, so the parent is live.
-        registry()
-            .parent_of(self.index())
-            .map(Beancounter::from_borrowed_index)
+        // A child holds a reference on its parent, and the parent on its own, so every
+        // ancestor is referenced. A retired parent is skipped: its charges go past it.
+        let reg = registry();
+        let parent = reg.charge_target(reg.parent_of(self.index())?);
+        (parent != ROOT).then(|| Beancounter::from_borrowed_index(parent))
     }
 
     /// Finds or creates the beancounter `id` as a child of this one. Every charge to the

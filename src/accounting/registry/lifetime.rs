@@ -212,8 +212,8 @@ impl Registry {
     ///
     /// # Errors
     /// [`BcError::InvalidId`] for the root; [`BcError::Retired`] if it was retired already
-    /// (through another handle). Either way nothing changes (the caller's reference is still
-    /// given up).
+    /// (through another handle), or if its parent was (naming the parent). Either way
+    /// nothing changes (the caller's reference is still given up).
     pub(crate) fn retire(&self, index: u32) -> Result<(), BcError> {
         if index == ROOT {
             return Err(BcError::InvalidId(BcId::ROOT));
@@ -221,8 +221,12 @@ impl Registry {
         let rec = self.record(index);
         let result = {
             let mut inner = self.inner.lock();
+            let parent = rec.link.load(Ordering::Relaxed);
             if rec.state.load(Ordering::Acquire) & RETIRED != 0 {
                 Err(BcError::Retired(self.id_of(index)))
+            } else if parent != NO_PARENT && self.is_retired(parent) {
+                // Its charges already go past the retired parent; retire children first.
+                Err(BcError::Retired(self.id_of(parent)))
             } else {
                 inner.ids.remove(rec.id.load(Ordering::Relaxed));
                 inner.live -= 1;
