@@ -206,6 +206,7 @@ fn alloc_small_mix(slab: &Slab, p: *mut u8, bc: u32, class: usize, zero: bool) -
 #[cold]
 #[inline(never)]
 fn alloc_small_charge_slow(bc: u32, severity: Severity, class: usize, zero: bool) -> *mut u8 {
+    arm_exit_hook();
     match stock::charge_object_slow(bc, CLASSES[class].size as u64, severity) {
         Ok(charged) => alloc_small_charged(charged, class, zero),
         Err(_) => ptr::null_mut(),
@@ -333,6 +334,7 @@ unsafe fn free_small_slow(
     slab: &'static Slab,
     ptr: *mut u8,
 ) {
+    arm_exit_hook();
     stock::uncharge_object_slow(outcome, bc, bytes);
     // SAFETY: as for this function.
     unsafe { thread_cache::free(slab, ptr) }
@@ -498,17 +500,28 @@ fn start_thread() -> bool {
     }
     let ok = thread_cache::init_current();
     if ok {
-        register_hooks();
-        if let Some(key) = exit_key() {
-            // glibc keeps the values of the first 32 keys in the thread descriptor: no
-            // allocation. (Were it to allocate, the heap is already set up for it.)
-            // SAFETY: a valid key; the value only has to be non-null for the destructor
-            // to run.
-            unsafe { libc::pthread_setspecific(key, ptr::dangling::<libc::c_void>()) };
-        }
+        arm_exit_hook();
     }
     let _ = STARTING.try_with(|s| s.set(false));
     ok
+}
+
+thread_local! {
+    /// Set once this thread's exit hook is armed.
+    static HOOKED: Cell<bool> = const { Cell::new(false) };
+}
+
+/// Arms the thread-exit hook for this thread (once): before it gets a heap, and before it
+/// can claim a stock (a thread that only frees gets one too).
+fn arm_exit_hook() {
+    if HOOKED.try_with(|h| h.replace(true)).unwrap_or(true) {
+        return;
+    }
+    register_hooks();
+    if let Some(key) = exit_key() {
+        // SAFETY: a valid key; the value only has to be non-null for the destructor to run.
+        unsafe { libc::pthread_setspecific(key, ptr::dangling::<libc::c_void>()) };
+    }
 }
 
 extern "C" fn on_thread_exit(_: *mut libc::c_void) {
