@@ -14,3 +14,5 @@ mod accounting;
 
 #[cfg(test)]
 mod models;
+#[cfg(test)]
+mod retire;

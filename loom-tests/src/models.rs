@@ -11,12 +11,12 @@ use loom::sync::Arc;
 use loom::thread;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
-const MEM: Resource = Resource::Memory;
-const MEM_INDEX: usize = 0;
+pub(crate) const MEM: Resource = Resource::Memory;
+pub(crate) const MEM_INDEX: usize = 0;
 
 /// Runs `f` under loom with the preemption bound defaulting to 2, and reports the number of
 /// interleavings explored.
-fn model<F>(name: &str, f: F)
+pub(crate) fn model<F>(name: &str, f: F)
 where
     F: Fn() + Sync + Send + 'static,
 {
@@ -40,7 +40,7 @@ where
     );
 }
 
-fn limits(barrier: u64, limit: u64) -> Limits {
+pub(crate) fn limits(barrier: u64, limit: u64) -> Limits {
     Limits::new(barrier, limit).unwrap()
 }
 

@@ -130,7 +130,7 @@ impl Registry {
     fn release_slow(&self, index: u32, gen: u32) {
         // Pairs with the Release decrements of the other holders: their uses of the record
         // happen before it is freed.
-        fence(Ordering::Acquire);
+        fence(Ordering::SeqCst);
         self.free_if_unused(index, gen);
     }
 
@@ -232,6 +232,7 @@ impl Registry {
                 inner.live -= 1;
                 inner.retired += 1;
                 rec.state.fetch_or(RETIRED, Ordering::SeqCst);
+                fence(Ordering::SeqCst);
                 // Every walk that read the record as live is done with its slot after this.
                 while rec.pins.load(Ordering::SeqCst) != 0 {
                     crate::accounting::fence::spin();
@@ -248,6 +249,7 @@ impl Registry {
             }
         };
         self.release(index);
+        fence(Ordering::SeqCst);
         if result.is_ok() && rec.left.load(Ordering::SeqCst) == 0 {
             let state = rec.state.load(Ordering::SeqCst);
             if refs(state) == 0 && state & LIVE != 0 {

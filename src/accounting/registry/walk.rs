@@ -45,6 +45,7 @@ impl Registry {
             return f(Pinned::Live(&self.root_slot));
         }
         rec.pins.fetch_add(1, Ordering::SeqCst);
+        crate::sync::fence(Ordering::SeqCst);
         let state = rec.state.load(Ordering::SeqCst);
         let r = if state & RETIRED != 0 {
             f(Pinned::Retired(rec))
@@ -159,14 +160,21 @@ impl Registry {
     fn uncharge_below(&self, index: u32, stop: u32, ri: usize, n: u64) {
         let mut at = index;
         while at != stop {
+            // Read before the uncharge: once it is done, nothing keeps the record from being
+            // freed by another thread (its last reference released, or `reap`), which reuses
+            // `link` for the free list.
+            let next = self.parent_of(at).unwrap_or(NO_PARENT);
             let emptied = self.pinned(at, |p| match p {
                 Pinned::Live(slot) => {
                     slot.counters[ri].uncharge(n);
                     false
                 }
-                Pinned::Retired(rec) => rec.left.fetch_sub(n as i64, Ordering::SeqCst) == n as i64,
+                Pinned::Retired(rec) => {
+                    let emptied = rec.left.fetch_sub(n as i64, Ordering::SeqCst) == n as i64;
+                    crate::sync::fence(Ordering::SeqCst);
+                    emptied
+                }
             });
-            let next = self.parent_of(at).unwrap_or(NO_PARENT);
             if emptied {
                 self.retired_emptied(at);
             }
