@@ -150,8 +150,14 @@ impl Entry {
         self.mem.store(0, Relaxed);
         self.objs.store(0, Relaxed);
         self.bc.store(NONE, Relaxed);
-        reg.uncharge(owner, MEMORY, m);
-        reg.uncharge(owner, ALLOCATIONS, o as u64);
+        // An entry used up to exactly nothing holds no charge, so nothing keeps `owner`
+        // alive: it may be freed (and its index reused) by now. Touch it only with a charge.
+        if m > 0 {
+            reg.uncharge(owner, MEMORY, m);
+        }
+        if o > 0 {
+            reg.uncharge(owner, ALLOCATIONS, o as u64);
+        }
     }
 }
 
