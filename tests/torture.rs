@@ -4,7 +4,9 @@
 //! allocating forced; workers end and are replaced all the time (by the crate's spawn
 //! wrapper or `std::thread`) and start short helper threads; two executor threads run
 //! futures for the tenants with `in_beancounter` and `guarded`; a controller moves the
-//! tenants' limits, often below what they hold, and samples their bounds.
+//! tenants' limits, often below what they hold, samples their bounds, and retires leaf
+//! tenants and creates them again while their blocks are still being used, handed around and
+//! freed on other threads, and while threads and tasks still work inside them.
 //!
 //! Every two seconds every thread rests at a gate and the audit checks, against the
 //! harness's ledger of live blocks: each tenant's `held` of `Memory`, `Allocations` and
@@ -12,8 +14,11 @@
 //! way round; `maxheld` within the limits in force during the window; the registry's
 //! invariants; and requests probing each tenant's barrier and limit: every other audit,
 //! with every stock given back, admitted or refused (and counted) exactly as the numbers
-//! say; in the others, with stocks held by resting threads, admitted whenever they fit. At the
-//! end every tenant is back exactly where it started and gone once its handles are dropped.
+//! say; in the others, with stocks held by resting threads, admitted whenever they fit. A
+//! retired tenant's leftovers count for its parent from the retirement on, and the fresh
+//! tenant of the same id starts at zero (`torture/lifecycle.rs`). At the end every tenant is
+//! back exactly where it started and gone once its handles are dropped, and every retired
+//! one is freed.
 //!
 //! `BEANCOUNTER_TORTURE_SECS=<n>` sets how long the workers run (default 35 s).
 //! The harness's modules live in `tests/torture/`.
@@ -25,6 +30,8 @@ mod common;
 mod controller;
 #[path = "torture/gate.rs"]
 mod gate;
+#[path = "torture/lifecycle.rs"]
+mod lifecycle;
 #[path = "torture/model.rs"]
 mod model;
 #[path = "torture/tasks.rs"]
@@ -73,10 +80,10 @@ fn main() {
     r.finish();
 }
 
-/// A worker slot: its thread (and the tenant the crate's wrapper started it in), or what the
-/// last thread left while no thread runs.
+/// A worker slot: its thread (and the tenant and incarnation the crate's wrapper started it
+/// in), or what the last thread left while no thread runs.
 enum Seat {
-    Busy(JoinHandle<Slot>, Option<usize>),
+    Busy(JoinHandle<Slot>, Option<(usize, u64)>),
     Idle(Slot),
     /// Only while the seat's value is moved out.
     Moving,
@@ -135,17 +142,17 @@ impl Run {
         let into =
             (self.rng.below(3) != 0).then(|| self.rng.below(self.sh.tree.len() as u64) as usize);
         let parcel = Arc::new(Mutex::new(Some(slot)));
-        let body = |crate_spawned: bool| {
+        let body = |fork_inc: Option<u64>| {
             let (sh, parcel) = (self.sh.clone(), parcel.clone());
-            let fork = into.filter(|_| crate_spawned);
+            let fork = into.filter(|_| fork_inc.is_some());
             move || {
                 let slot = parcel.lock().unwrap().take().expect("the slot");
                 worker::run(sh, slot, fork, budget)
             }
         };
         let counts = (Count::WorkersCrate, Count::WorkersStd);
-        let (h, crate_spawned) = spawn_thread(&self.sh, into, name, counts, body);
-        Seat::Busy(h, into.filter(|_| crate_spawned))
+        let (h, fork_inc) = spawn_thread(&self.sh, into, name, counts, body);
+        Seat::Busy(h, into.zip(fork_inc))
     }
 
     /// Joins the workers that ended (they are replaced by `refill`).
@@ -201,7 +208,7 @@ impl Run {
                 break;
             }
         }
-        let forks: Vec<usize> = self
+        let forks: Vec<(usize, u64)> = self
             .seats
             .iter()
             .filter_map(|s| match s {
@@ -249,7 +256,7 @@ impl Run {
                 beancounter::Resource::Allocations,
                 beancounter::Resource::Threads,
             ]
-            .map(|r| node.bc.stat(r).held);
+            .map(|r| node.bc().stat(r).held);
             if held != [0; 3] || self.sh.expected(t) != (0, 0) {
                 fail!("tenant {} holds {held:?} with every block freed", node.id);
             }
@@ -277,10 +284,11 @@ fn mib(bytes: usize) -> f64 {
 }
 
 fn torture(secs: u64) {
-    let (rss0, mapped0, live0) = (
+    let (rss0, mapped0, live0, retired0) = (
         statm().0,
         beancounter::mapped_bytes(),
         beancounter::live_count(),
+        beancounter::retired_count(),
     );
     let mut rng = Rng::new(0x7047_7572_6521);
     let began = Instant::now();
@@ -347,6 +355,9 @@ fn torture(secs: u64) {
         Count::LimitsBelowHeld,
         Count::Drained,
         Count::Probes,
+        Count::Retired,
+        Count::LateCharges,
+        Count::LeftoversFreed,
     ] {
         if t.get(c) == 0 {
             fail!("the run never did {c:?}");
@@ -363,6 +374,14 @@ fn torture(secs: u64) {
         fail!(
             "{} beancounters live, {live0} before the run",
             beancounter::live_count()
+        );
+    }
+    // Every retired incarnation is freed once nothing is charged through it and nothing
+    // refers to it.
+    if beancounter::retired_count() != retired0 {
+        fail!(
+            "{} retired beancounters are still kept, {retired0} before the run",
+            beancounter::retired_count()
         );
     }
 }

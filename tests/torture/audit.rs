@@ -26,17 +26,18 @@ struct Snap {
     seen_threads: u64,
 }
 
+/// Counters over every incarnation of each tenant (`Shared::counted`), so that a retirement
+/// between two audits loses nothing.
 fn snaps(sh: &Shared) -> Vec<Snap> {
     (0..sh.tree.len())
         .map(|t| {
-            let bc = &sh.tree.nodes[t].bc;
-            let e = bc.events(Resource::Memory);
+            let c = sh.counted(t);
             Snap {
-                failcnt: bc.stat(Resource::Memory).failcnt,
-                at_barrier: e.refused_at_barrier,
-                at_limit: e.refused_at_limit,
-                objects_failcnt: bc.stat(Resource::Allocations).failcnt,
-                threads_failcnt: bc.stat(Resource::Threads).failcnt,
+                failcnt: c.failcnt,
+                at_barrier: c.at_barrier,
+                at_limit: c.at_limit,
+                objects_failcnt: c.objects_failcnt,
+                threads_failcnt: c.threads_failcnt,
                 seen_fallible: sh.refused_fallible[t].load(Relaxed),
                 seen_ordinary: sh.refused_ordinary[t].load(Relaxed),
                 seen_threads: sh.threads_refused[t].load(Relaxed),
@@ -54,10 +55,11 @@ impl Audit {
         Audit { last: snaps(sh) }
     }
 
-    /// Runs every check; `threads` are the tenants the live crate-spawned workers were
-    /// started in; `drained`: no thread holds stock, so every probe's outcome is exact
-    /// (otherwise only requests within the bounds are probed, which must be admitted).
-    pub fn check(&mut self, sh: &Shared, threads: &[usize], drained: bool) {
+    /// Runs every check; `threads` are the tenants (and incarnations) the live
+    /// crate-spawned workers were started in; `drained`: no thread holds stock, so every
+    /// probe's outcome is exact (otherwise only requests within the bounds are probed, which
+    /// must be admitted).
+    pub fn check(&mut self, sh: &Shared, threads: &[(usize, u64)], drained: bool) {
         held(sh, threads);
         self.refusals(sh);
         bounds(sh);
@@ -121,13 +123,19 @@ impl Audit {
 }
 
 /// Every tenant holds exactly what its subtree's live blocks are charged, and a `Threads`
-/// per live crate-spawned worker started in its subtree; no uncharge was ever clamped.
-fn held(sh: &Shared, threads: &[usize]) {
+/// per live crate-spawned worker started in its subtree (a worker started in a retired
+/// incarnation counts for its parent); no uncharge was ever clamped.
+fn held(sh: &Shared, threads: &[(usize, u64)]) {
+    let threads: Vec<usize> = threads
+        .iter()
+        .map(|&(f, inc)| sh.heir_now(f, inc))
+        .collect();
     for (t, node) in sh.tree.nodes.iter().enumerate() {
+        let bc = node.bc();
         let want = sh.expected(t);
         let got = (
-            node.bc.stat(Resource::Memory).held,
-            node.bc.stat(Resource::Allocations).held,
+            bc.stat(Resource::Memory).held,
+            bc.stat(Resource::Allocations).held,
         );
         if got != want {
             fail!(
@@ -137,7 +145,7 @@ fn held(sh: &Shared, threads: &[usize]) {
             );
         }
         let want = threads.iter().filter(|&&f| sh.tree.within(f, t)).count() as u64;
-        let got = node.bc.stat(Resource::Threads).held;
+        let got = bc.stat(Resource::Threads).held;
         if got != want {
             fail!(
                 "tenant {} holds {got} Threads, {want} workers run in it",
@@ -145,7 +153,7 @@ fn held(sh: &Shared, threads: &[usize]) {
             );
         }
         for r in [Resource::Memory, Resource::Allocations] {
-            if node.bc.uncharge_warnings(r) != 0 {
+            if bc.uncharge_warnings(r) != 0 {
                 fail!("tenant {}: an uncharge of {r} was clamped", node.id);
             }
         }
@@ -157,7 +165,7 @@ fn held(sh: &Shared, threads: &[usize]) {
 fn bounds(sh: &Shared) {
     crate::controller::sample(sh);
     let capped = sh.tree.capped_top();
-    let s = sh.tree.nodes[capped].bc.stat(Resource::Memory);
+    let s = sh.tree.nodes[capped].bc().stat(Resource::Memory);
     if s.maxheld > CAP {
         fail!(
             "the capped top held {} over its life, above {CAP}",
@@ -175,8 +183,9 @@ fn new_window(sh: &Shared) {
         if t == capped {
             continue;
         }
-        node.bc.reset_window();
-        let s = node.bc.stat(Resource::Memory);
+        let bc = node.bc();
+        bc.reset_window();
+        let s = bc.stat(Resource::Memory);
         windows[t] = Window {
             base: s.maxheld,
             max_limit: s.limit,
@@ -206,7 +215,7 @@ fn levels(sh: &Shared, t: usize) -> Vec<Level> {
     sh.tree
         .chain(t)
         .map(|u| {
-            let bc = &sh.tree.nodes[u].bc;
+            let bc = sh.tree.nodes[u].bc();
             Level {
                 t: u,
                 mem: bc.stat(Resource::Memory),
@@ -383,7 +392,7 @@ fn compare(
 /// Makes the probe's request inside tenant `t`; the block and its layout if admitted.
 fn request(sh: &Shared, t: usize, n: u64, severity: Severity) -> Option<(*mut u8, Layout)> {
     let layout = Layout::from_size_align(n as usize, PAGE as usize).unwrap();
-    let _g = sh.tree.nodes[t].bc.enter();
+    let _g = sh.tree.nodes[t].bc().enter();
     let p = match severity {
         Severity::Barrier => {
             let mut v: Vec<u8> = Vec::new();
@@ -404,14 +413,15 @@ fn request(sh: &Shared, t: usize, n: u64, severity: Severity) -> Option<(*mut u8
 /// or nothing if none does.
 fn flags(sh: &Shared, t: usize, before: &[Level]) {
     let node = &sh.tree.nodes[t];
+    let bc = node.bc();
     let over = before.iter().find(|l| l.mem.held > l.mem.barrier);
     let seen = [
-        ("check_barrier", node.bc.check_barrier().err()),
+        ("check_barrier", bc.check_barrier().err()),
         ("checkpoint", {
-            let _g = node.bc.enter();
+            let _g = bc.enter();
             beancounter::checkpoint().err()
         }),
-        ("guarded", first_poll(&node.bc)),
+        ("guarded", first_poll(&bc)),
     ];
     for (how, e) in seen {
         let right = match (over, e) {

@@ -7,11 +7,14 @@
 //! equal the sum of `own` over its subtree, because every charge is applied to each ancestor
 //! too. Nothing else may be charged to a tenant: the harness's own bookkeeping (vectors,
 //! channels, thread handles, futures) is always allocated in the root, under
-//! `root().enter_exec()` where a tenant guard is active.
+//! `root().enter_exec()` where a tenant guard is active. Leaves are retired and created again
+//! during the run (`lifecycle.rs`): what a retired incarnation's blocks are charged belongs to
+//! its parent's `own` from then on.
 
 use crate::common::{all_zero, charged_bytes, fill, verify, verify_prefix, Rng, SendPtr};
+use crate::lifecycle::{Counted, Life};
 use crate::A;
-use beancounter::{BcError, BcId, Beancounter, Limits, Resource, Severity, MAX};
+use beancounter::{BcError, BcId, Limits, Resource, Severity, MAX};
 use std::alloc::{GlobalAlloc, Layout};
 use std::cell::Cell;
 use std::fmt;
@@ -20,7 +23,7 @@ use std::mem::ManuallyDrop;
 use std::sync::atomic::Ordering::{Relaxed, SeqCst};
 use std::sync::atomic::{fence, AtomicBool, AtomicI64, AtomicU64};
 use std::sync::mpsc::{SyncSender, TrySendError};
-use std::sync::Mutex;
+use std::sync::{Mutex, RwLock};
 use std::thread::JoinHandle;
 
 pub const KIB: usize = 1 << 10;
@@ -109,7 +112,8 @@ impl Zone {
 }
 
 pub struct Node {
-    pub bc: Beancounter,
+    /// The live incarnation (see `lifecycle.rs`): `bc()`, `current()`, `life()`.
+    pub life: RwLock<Life>,
     pub id: BcId,
     pub parent: Option<usize>,
     pub zone: Zone,
@@ -138,11 +142,11 @@ impl Tree {
         for t in 0..tree.len() {
             if tree.controlled(t) {
                 let l = tree.random_limits(t, rng, 0);
-                tree.nodes[t].bc.set_limits(Resource::Memory, l).unwrap();
+                tree.nodes[t].bc().set_limits(Resource::Memory, l).unwrap();
             }
         }
         let capped = tree.capped_top();
-        let bc = &tree.nodes[capped].bc;
+        let bc = tree.nodes[capped].bc();
         bc.set_limits(Resource::Memory, Limits::new(CAP / 4 * 3, CAP).unwrap())
             .unwrap();
         bc.set_limits(Resource::Threads, Limits::new(3, 3).unwrap())
@@ -154,7 +158,7 @@ impl Tree {
             .position(|n| n.zone == Zone::Squeezed && n.depth == 2)
             .unwrap();
         tree.nodes[squeezed_mid]
-            .bc
+            .bc()
             .set_limits(Resource::Threads, Limits::new(1, 1).unwrap())
             .unwrap();
         tree
@@ -164,7 +168,7 @@ impl Tree {
         let id = BcId(FIRST_ID + self.nodes.len() as u32);
         let bc = match parent {
             None => beancounter::find_or_create(id),
-            Some(p) => self.nodes[p].bc.new_child(id),
+            Some(p) => self.nodes[p].bc().new_child(id),
         }
         .unwrap_or_else(|e| fail!("creating tenant {id}: {e}"));
         let depth = parent.map_or(1, |p| self.nodes[p].depth + 1);
@@ -172,7 +176,7 @@ impl Tree {
             fail!("tenant {id} does not name its parent");
         }
         self.nodes.push(Node {
-            bc,
+            life: RwLock::new(Life { bc, inc: 0 }),
             id,
             parent,
             zone,
@@ -188,6 +192,11 @@ impl Tree {
     /// `t` and its ancestors, bottom up: the levels a charge to `t` is applied to.
     pub fn chain(&self, t: usize) -> impl Iterator<Item = usize> + '_ {
         std::iter::successors(Some(t), |&u| self.nodes[u].parent)
+    }
+
+    /// Has `t` no children (a tenant the run retires and creates again)?
+    pub fn is_leaf(&self, t: usize) -> bool {
+        self.nodes.iter().all(|n| n.parent != Some(t))
     }
 
     /// Is `t` in the subtree of `of`?
@@ -244,13 +253,15 @@ impl Tree {
 }
 
 /// A live block the harness owns: where, its layout, its canary tag, the tenant it was
-/// charged to and what it was charged to `Memory`.
+/// charged to (and the incarnation of the handle it was charged through) and what it was
+/// charged to `Memory`.
 #[derive(Clone, Copy, Debug)]
 pub struct Block {
     pub p: SendPtr,
     pub layout: Layout,
     pub tag: u64,
     pub owner: usize,
+    pub inc: u64,
     pub charge: u64,
 }
 
@@ -313,6 +324,9 @@ counts!(
     Checkpoints,
     Drained,
     Probes,
+    Retired,
+    LateCharges,
+    LeftoversFreed,
 );
 
 /// The counters, sharded by thread so that counting does not make every thread of the run
@@ -395,8 +409,11 @@ pub struct Shared {
     /// Workers are gone: executors end once the last task is done.
     pub tasks_closed: AtomicBool,
     pub inboxes: Vec<SyncSender<Block>>,
-    /// Per tenant: `Memory` and `Allocations` its own blocks are charged.
+    /// Per tenant: `Memory` and `Allocations` its own blocks are charged, with, for a
+    /// parent, what its retired children left to it.
     own: Vec<[AtomicI64; 2]>,
+    /// Per tenant: what its retired incarnations counted.
+    pub past: Vec<Mutex<Counted>>,
     /// Per requesting tenant: refused fallible requests and refused ordinary allocations.
     pub refused_fallible: Vec<AtomicU64>,
     pub refused_ordinary: Vec<AtomicU64>,
@@ -416,7 +433,7 @@ impl Shared {
         let n = tree.len();
         let windows = (0..n)
             .map(|t| {
-                let s = tree.nodes[t].bc.stat(Resource::Memory);
+                let s = tree.nodes[t].bc().stat(Resource::Memory);
                 Window {
                     base: s.maxheld,
                     max_limit: s.limit,
@@ -431,6 +448,7 @@ impl Shared {
             tasks_closed: AtomicBool::new(false),
             inboxes,
             own: atomics(n, || [AtomicI64::new(0), AtomicI64::new(0)]),
+            past: atomics(n, || Mutex::new(Counted::default())),
             refused_fallible: atomics(n, || AtomicU64::new(0)),
             refused_ordinary: atomics(n, || AtomicU64::new(0)),
             threads_refused: atomics(n, || AtomicU64::new(0)),
@@ -439,9 +457,27 @@ impl Shared {
         }
     }
 
-    fn ledger(&self, t: usize, bytes: i64, objects: i64) {
-        self.own[t][0].fetch_add(bytes, Relaxed);
-        self.own[t][1].fetch_add(objects, Relaxed);
+    /// Enters a charge through incarnation `inc` of tenant `t` in the ledger: `t`'s while it
+    /// is the live one, its parent's once retired. Returns whose it was.
+    fn ledger(&self, t: usize, inc: u64, bytes: i64, objects: i64) -> usize {
+        self.ledger_in(&self.tree.nodes[t].life(), t, inc, bytes, objects)
+    }
+
+    /// [`ledger`](Self::ledger) with `t`'s live incarnation locked by the caller.
+    fn ledger_in(&self, life: &Life, t: usize, inc: u64, bytes: i64, objects: i64) -> usize {
+        let to = self.heir(t, inc, life);
+        self.own[to][0].fetch_add(bytes, Relaxed);
+        self.own[to][1].fetch_add(objects, Relaxed);
+        to
+    }
+
+    /// Tenant `t` is retired: what its blocks are charged is its parent `p`'s from now on.
+    /// The caller holds `t`'s lifecycle lock for writing, so no entry of `t` is in flight.
+    pub fn bequeath(&self, t: usize, p: usize) {
+        for k in 0..2 {
+            let left = self.own[t][k].swap(0, Relaxed);
+            self.own[p][k].fetch_add(left, Relaxed);
+        }
     }
 
     /// What tenant `t` must hold of `Memory` and `Allocations`: its subtree's blocks.
@@ -465,13 +501,16 @@ impl Shared {
         }
     }
 
-    /// Allocates `layout` for tenant `owner`, which must be the current one; `None` when the
-    /// allocator refused (which must be allowed in the owner's zone).
-    pub fn alloc(&self, owner: usize, layout: Layout, how: How) -> Option<Block> {
+    /// Allocates `layout` for tenant `owner`, which must be the current one (entered through
+    /// its incarnation `inc`); `None` when the allocator refused (which must be allowed in the
+    /// owner's zone).
+    pub fn alloc(&self, owner: usize, inc: u64, layout: Layout, how: How) -> Option<Block> {
         self.expect_current(owner, "allocating");
         if how == How::Forced {
             self.mark_forced(owner);
         }
+        // No retirement of `owner` while the request is in flight (`lifecycle.rs`).
+        let life = self.tree.nodes[owner].life();
         let p = match how {
             // SAFETY: the harness never asks for a zero size.
             How::Plain => unsafe { A.alloc(layout) },
@@ -499,16 +538,25 @@ impl Shared {
             },
             1,
         );
-        Some(self.adopt(p, layout, owner))
+        Some(self.adopt(&life, p, layout, owner, inc))
     }
 
-    /// Takes a fresh block into the ledger: checks its alignment, writes its canary.
-    fn adopt(&self, p: *mut u8, layout: Layout, owner: usize) -> Block {
-        self.adopt_charged(p, layout, owner, charge_of(layout))
+    /// Takes a fresh block charged through incarnation `inc` of `owner` (`life`, locked by
+    /// the caller) into the ledger: checks its alignment, writes its canary.
+    fn adopt(&self, life: &Life, p: *mut u8, layout: Layout, owner: usize, inc: u64) -> Block {
+        self.adopt_charged(life, p, layout, owner, inc, charge_of(layout))
     }
 
     /// [`adopt`](Self::adopt) for a block charged `charge` bytes of `Memory`.
-    fn adopt_charged(&self, p: *mut u8, layout: Layout, owner: usize, charge: u64) -> Block {
+    fn adopt_charged(
+        &self,
+        life: &Life,
+        p: *mut u8,
+        layout: Layout,
+        owner: usize,
+        inc: u64,
+        charge: u64,
+    ) -> Block {
         if p as usize % layout.align() != 0 {
             fail!("{p:p} is not aligned for {layout:?}");
         }
@@ -525,9 +573,13 @@ impl Shared {
             layout,
             tag,
             owner,
+            inc,
             charge,
         };
-        self.ledger(owner, b.charge as i64, 1);
+        if self.ledger_in(life, owner, inc, b.charge as i64, 1) != owner {
+            // Through a handle of a retired incarnation: charged to the parent.
+            self.tally.add(Count::LateCharges, 1);
+        }
         b
     }
 
@@ -548,15 +600,26 @@ impl Shared {
         self.check(&b, "free");
         // SAFETY: a live block allocated with `b.layout`, given up by its holder.
         unsafe { A.dealloc(b.p.0, b.layout) };
-        self.ledger(b.owner, -(b.charge as i64), -1);
+        if self.ledger(b.owner, b.inc, -(b.charge as i64), -1) != b.owner {
+            // A block its retired owner left behind: given back to the parent.
+            self.tally.add(Count::LeftoversFreed, 1);
+        }
         self.tally.add(Count::Free, 1);
     }
 
-    /// Resizes `b` while `owner` is current: in place (only for the block's own tenant) or
-    /// by a move, the result is charged to `owner` either way. `Err(b)` when refused.
-    pub fn realloc(&self, b: Block, owner: usize, new_size: usize) -> Result<Block, Block> {
+    /// Resizes `b` while `owner` (incarnation `inc`) is current: in place (only for the
+    /// block's own tenant) or by a move, the result is charged to `owner` either way.
+    /// `Err(b)` when refused.
+    pub fn realloc(
+        &self,
+        b: Block,
+        owner: usize,
+        inc: u64,
+        new_size: usize,
+    ) -> Result<Block, Block> {
         self.expect_current(owner, "reallocating");
         self.check(&b, "realloc");
+        let life = self.tree.nodes[owner].life();
         // SAFETY: a live block with its layout; `new_size` is non-zero, and rounded to the
         // alignment it stays far below `isize::MAX`.
         let q = unsafe { A.realloc(b.p.0, b.layout, new_size) };
@@ -569,7 +632,6 @@ impl Shared {
         if let Err(at) = unsafe { verify_prefix(q, b.layout.size(), keep, b.tag) } {
             fail!("realloc of {:?} to {new_size} lost byte {at}", b.layout);
         }
-        self.ledger(b.owner, -(b.charge as i64), -1);
         self.tally.add(Count::Realloc, 1);
         let layout = Layout::from_size_align(new_size, b.layout.align()).unwrap();
         // A slab object resized in place (within its class, or shrunk by at most half)
@@ -581,13 +643,19 @@ impl Shared {
         } else {
             charge_of(layout)
         };
-        Ok(self.adopt_charged(q, layout, owner, charge))
+        let moved = self.adopt_charged(&life, q, layout, owner, inc, charge);
+        // The old block leaves the ledger under its own owner's lock (not nested in this one).
+        drop(life);
+        self.ledger(b.owner, b.inc, -(b.charge as i64), -1);
+        Ok(moved)
     }
 
     /// `Vec::try_reserve_exact(n)` inside `beancounter::fallible` for tenant `owner` (the
-    /// current one): the vector's buffer, as a block, or `None` if it was refused.
-    pub fn try_reserve(&self, owner: usize, n: usize) -> Option<Block> {
+    /// current one, incarnation `inc`): the vector's buffer, as a block, or `None` if it was
+    /// refused.
+    pub fn try_reserve(&self, owner: usize, inc: u64, n: usize) -> Option<Block> {
         self.expect_current(owner, "reserving");
+        let life = self.tree.nodes[owner].life();
         let mut v: Vec<u8> = Vec::new();
         if beancounter::fallible(|| v.try_reserve_exact(n)).is_err() {
             self.refusal(owner, Severity::Barrier);
@@ -597,7 +665,7 @@ impl Shared {
         // The buffer is freed as a block of `Layout::array::<u8>(capacity)`, as `Vec` would.
         let mut v = ManuallyDrop::new(v);
         let layout = Layout::array::<u8>(v.capacity()).unwrap();
-        Some(self.adopt(v.as_mut_ptr(), layout, owner))
+        Some(self.adopt(&life, v.as_mut_ptr(), layout, owner, inc))
     }
 
     /// Hands `b` to the inbox of worker slot `to`; frees it here if that inbox is full.
@@ -656,7 +724,7 @@ impl Shared {
                 refused.id
             );
         };
-        let limit = self.tree.nodes[t].bc.stat(Resource::Threads).limit;
+        let limit = self.tree.nodes[t].bc().stat(Resource::Threads).limit;
         if limit == MAX || refused.held + refused.requested <= refused.bound {
             fail!(
                 "tenant {} refused a thread without reason: {refused:?}",
@@ -670,9 +738,10 @@ impl Shared {
 
 /// Starts a thread of the run: with `beancounter::thread::spawn` into tenant `into` if it is
 /// given, else (or if that tenant's `Threads` charge is refused, which is counted) with
-/// `std::thread`. `body(true)` is the closure for the crate's wrapper, `body(false)` the one
-/// for std. Counts the thread as `counts.0` (crate) or `counts.1` (std); returns the handle
-/// and whether the crate's wrapper started it.
+/// `std::thread`. `body(Some(inc))` is the closure for the crate's wrapper, which starts the
+/// thread in incarnation `inc` of `into`; `body(None)` the one for std. Counts the thread as
+/// `counts.0` (crate) or `counts.1` (std); returns the handle and, if the crate's wrapper
+/// started it, the incarnation it started in.
 ///
 /// The crate's wrapper starts the thread in `into` and counts it in its `Threads`; what the
 /// spawn allocates here (the thread's handle, name and closure) is charged to the root
@@ -682,24 +751,26 @@ pub fn spawn_thread<T, F>(
     into: Option<usize>,
     name: String,
     counts: (Count, Count),
-    body: impl Fn(bool) -> F,
-) -> (JoinHandle<T>, bool)
+    body: impl Fn(Option<u64>) -> F,
+) -> (JoinHandle<T>, Option<u64>)
 where
     T: Send + 'static,
     F: FnOnce() -> T + Send + 'static,
 {
     if let Some(t) = into {
         let spawned = {
-            let _fork = sh.tree.nodes[t].bc.enter();
+            let (bc, inc) = sh.tree.nodes[t].current();
+            let _fork = bc.enter();
             let _exec = beancounter::root().enter_exec();
             beancounter::thread::Builder::new()
                 .name(name.clone())
-                .spawn(body(true))
+                .spawn(body(Some(inc)))
+                .map(|h| (h, inc))
         };
         match spawned {
-            Ok(h) => {
+            Ok((h, inc)) => {
                 sh.tally.add(counts.0, 1);
-                return (h, true);
+                return (h, Some(inc));
             }
             Err(e) => sh.spawn_refused(&e),
         }
@@ -707,7 +778,7 @@ where
     sh.tally.add(counts.1, 1);
     let h = std::thread::Builder::new()
         .name(name)
-        .spawn(body(false))
+        .spawn(body(None))
         .unwrap_or_else(|e| fail!("spawn: {e}"));
-    (h, false)
+    (h, None)
 }

@@ -88,6 +88,8 @@ impl Future for YieldNow {
 struct Bag {
     sh: Arc<Shared>,
     t: usize,
+    /// The incarnation of `t` the task runs in (retired meanwhile, it charges the parent).
+    inc: u64,
     blocks: Vec<Block>,
 }
 
@@ -107,7 +109,7 @@ impl Drop for Bag {
 /// allocating, freeing, reserving fallibly, or sending a block to a worker, and yielding.
 async fn work(mut bag: Bag, seed: u64) {
     let mut rng = Rng::new(seed);
-    let (sh, t) = (bag.sh.clone(), bag.t);
+    let (sh, t, inc) = (bag.sh.clone(), bag.t, bag.inc);
     for _ in 0..4 + rng.below(24) {
         if beancounter::current_id() != sh.tree.nodes[t].id {
             fail!(
@@ -122,9 +124,9 @@ async fn work(mut bag: Bag, seed: u64) {
         match rng.below(8) {
             0..=2 if room => {
                 let layout = std::alloc::Layout::from_size_align(size, 8).unwrap();
-                bag.blocks.extend(sh.alloc(t, layout, How::Plain));
+                bag.blocks.extend(sh.alloc(t, inc, layout, How::Plain));
             }
-            3 if room => bag.blocks.extend(sh.try_reserve(t, size)),
+            3 if room => bag.blocks.extend(sh.try_reserve(t, inc, size)),
             4 if !bag.blocks.is_empty() => {
                 let b = bag.blocks.swap_remove(0);
                 sh.send(rng.below(sh.inboxes.len() as u64) as usize, b);
@@ -147,12 +149,13 @@ pub fn spawn(sh: &Arc<Shared>, t: usize, seed: u64) {
     {
         return;
     }
+    let (bc, inc) = sh.tree.nodes[t].current();
     let bag = Bag {
         sh: sh.clone(),
         t,
+        inc,
         blocks: Vec::with_capacity(BAG),
     };
-    let bc = sh.tree.nodes[t].bc.clone();
     let sh = sh.clone();
     let job: Job = if seed % 2 == 0 {
         sh.tally.add(Count::TasksInBeancounter, 1);

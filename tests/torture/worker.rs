@@ -64,8 +64,10 @@ struct Worker {
     slot: Slot,
     /// The tenant the crate's spawn wrapper started this thread in.
     fork: Option<usize>,
-    /// The tenant charged now, and the guard that made it so.
+    /// The tenant charged now, the incarnation of the handle entered (which may be retired
+    /// meanwhile: the thread then charges its parent), and the guard that made it so.
     cur: usize,
+    inc: u64,
     guard: Option<ExecGuard>,
 }
 
@@ -83,6 +85,7 @@ pub fn run(sh: Arc<Shared>, slot: Slot, fork: Option<usize>, budget: u64) -> Slo
         slot,
         fork,
         cur: 0,
+        inc: 0,
         guard: None,
     };
     w.switch();
@@ -135,7 +138,7 @@ impl Worker {
             Op::Alloc | Op::AllocZeroed | Op::Forced | Op::Fallible if full => Op::Free,
             op => op,
         };
-        let t = self.cur;
+        let (t, inc) = (self.cur, self.inc);
         match op {
             Op::Alloc => self.alloc(How::Plain),
             Op::AllocZeroed => self.alloc(How::Zeroed),
@@ -151,7 +154,7 @@ impl Worker {
             Op::Realloc => {
                 let b = self.pick_live();
                 let to = random_size(self.rng());
-                match self.sh.realloc(b, t, to) {
+                match self.sh.realloc(b, t, inc, to) {
                     Ok(b) | Err(b) => self.slot.live.push(b),
                 }
             }
@@ -167,7 +170,7 @@ impl Worker {
 
     fn alloc(&mut self, how: How) {
         let layout = random_layout(self.rng());
-        if let Some(b) = self.sh.alloc(self.cur, layout, how) {
+        if let Some(b) = self.sh.alloc(self.cur, self.inc, layout, how) {
             self.slot.live.push(b);
         }
     }
@@ -202,7 +205,7 @@ impl Worker {
         } else {
             random_size(self.rng())
         };
-        match self.sh.try_reserve(self.cur, n) {
+        match self.sh.try_reserve(self.cur, self.inc, n) {
             Some(b) if n > 4 * MIB => self.sh.free(b),
             Some(b) => self.slot.live.push(b),
             None => {}
@@ -221,7 +224,7 @@ impl Worker {
             _ => self.rng().below(n) as usize,
         };
         let sh = self.sh.clone();
-        let bc = &sh.tree.nodes[t].bc;
+        let (bc, inc) = sh.tree.nodes[t].current();
         let guard = match self.rng().below(10) {
             0..=6 => bc.enter(),
             7 | 8 => {
@@ -230,16 +233,16 @@ impl Worker {
             }
             _ => {
                 let other = self.rng().below(n) as usize;
-                let g = sh.tree.nodes[other].bc.enter();
+                let g = sh.tree.nodes[other].bc().enter();
                 bc.adopt();
                 sh.tally.add(Count::Adopt, 1);
                 g
             }
         };
         self.guard = Some(guard);
-        self.cur = t;
+        (self.cur, self.inc) = (t, inc);
         sh.tally.add(Count::Switch, 1);
-        if beancounter::current() != *bc {
+        if beancounter::current() != bc {
             fail!(
                 "after switching to {}, the thread charges {}",
                 sh.tree.nodes[t].id,
@@ -259,9 +262,9 @@ impl Worker {
             .collect();
         let plan: Vec<_> = (0..8).map(|_| random_layout(self.rng())).collect();
         let parcel = Arc::new(Mutex::new((give, Vec::with_capacity(plan.len()))));
-        let body = |crate_spawned: bool| {
+        let body = |fork: Option<u64>| {
             let (sh, parcel, plan) = (self.sh.clone(), parcel.clone(), plan.clone());
-            move || helper_main(&sh, t, crate_spawned, &parcel, plan)
+            move || helper_main(&sh, t, fork, &parcel, plan)
         };
         let into = (self.slot.rng.below(3) != 0).then_some(t);
         let name = format!("helper-{}", self.slot.index);
@@ -291,21 +294,28 @@ fn weighted_op(rng: &mut Rng) -> Op {
     crate::model::weighted(rng, &OPS)
 }
 
-/// The body of a helper thread; see [`Worker::helper`].
+/// The body of a helper thread; see [`Worker::helper`]. `fork`: the incarnation of `t` the
+/// crate's wrapper started it in; without it, the helper enters `t` itself.
 fn helper_main(
     sh: &Shared,
     t: usize,
-    crate_spawned: bool,
+    fork: Option<u64>,
     parcel: &Mutex<(Vec<Block>, Vec<Block>)>,
     plan: Vec<std::alloc::Layout>,
 ) {
     let node = &sh.tree.nodes[t];
     let started = beancounter::current_id();
-    let want = if crate_spawned { node.id } else { BcId::ROOT };
+    let want = if fork.is_some() { node.id } else { BcId::ROOT };
     if started != want {
         fail!("a helper started in {started}, not {want}");
     }
-    let _g = (!crate_spawned).then(|| node.bc.enter());
+    let (_g, inc) = match fork {
+        Some(inc) => (None, inc),
+        None => {
+            let (bc, inc) = node.current();
+            (Some(bc.enter()), inc)
+        }
+    };
     let mut p = parcel.lock().unwrap();
     for b in std::mem::take(&mut p.0) {
         sh.free(b);
@@ -318,7 +328,7 @@ fn helper_main(
         } else {
             layout
         };
-        if let Some(b) = sh.alloc(t, layout, How::Plain) {
+        if let Some(b) = sh.alloc(t, inc, layout, How::Plain) {
             p.1.push(b);
         }
     }
