@@ -87,7 +87,9 @@ mod mutex {
             self.locked
                 .compare_exchange(false, true, Ordering::Acquire, Ordering::Relaxed)
                 .is_ok()
-                .then_some(MutexGuard { mutex: self })
+                // `then`, not `then_some`: the guard must exist only if the lock was taken.
+                // An eager guard would be dropped on failure and unlock the holder's lock.
+                .then(|| MutexGuard { mutex: self })
         }
 
         /// The protected value, for the `fork()` protocol, which holds the lock without a
@@ -154,3 +156,22 @@ mod mutex {
 }
 
 pub(crate) use mutex::Mutex;
+
+#[cfg(all(test, not(beancounter_loom)))]
+mod tests {
+    use super::Mutex;
+
+    #[test]
+    fn a_failed_try_lock_leaves_the_lock_to_its_holder() {
+        let m = Mutex::new(0u32);
+        let held = m.lock();
+        assert!(m.try_lock().is_none());
+        // A failed `try_lock` must not have released the holder's lock.
+        assert!(
+            m.try_lock().is_none(),
+            "a failed try_lock unlocked the mutex"
+        );
+        drop(held);
+        assert!(m.try_lock().is_some());
+    }
+}
