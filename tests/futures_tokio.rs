@@ -5,6 +5,7 @@
 mod common;
 
 use beancounter::{BcId, BeanAlloc, FutureExt, Limits, Resource};
+use common::tasks::runtime;
 use common::Runner;
 use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
@@ -12,14 +13,6 @@ use std::time::Duration;
 
 #[global_allocator]
 static ALLOC: BeanAlloc = BeanAlloc::new();
-
-fn runtime() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap()
-}
 
 /// 32 tasks of one tenant each hold 64 KiB across many awaits, hopping between workers;
 /// while they all hold their buffers the tenant's true usage covers all of them, and once

@@ -8,46 +8,12 @@
 
 mod common;
 
-use beancounter::{BcId, BeanAlloc, Beancounter, Resource};
-use common::Runner;
+use beancounter::{BcId, BeanAlloc};
+use common::tasks::{hopping_chunks, runtime, CHUNK, CHUNKS, TASK_BYTES};
+use common::{memory, Runner};
 
 #[global_allocator]
 static ALLOC: BeanAlloc = BeanAlloc::new();
-
-/// One chunk of memory a task allocates after each `yield_now`.
-const CHUNK: usize = 32 << 10;
-/// Chunks per task: each allocated after a yield, so possibly on another worker.
-const CHUNKS: usize = 8;
-/// What one task holds at the end.
-const TASK_BYTES: u64 = (CHUNK * CHUNKS) as u64;
-
-fn runtime() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap()
-}
-
-fn memory(bc: &Beancounter) -> u64 {
-    bc.stat(Resource::Memory).held
-}
-
-/// Allocates `CHUNKS` chunks, one after each yield, checking every time that it still runs
-/// in `tenant`; returns them.
-async fn hopping_chunks(tenant: BcId) -> Vec<Vec<u8>> {
-    let mut chunks = Vec::with_capacity(CHUNKS);
-    for i in 0..CHUNKS {
-        tokio::task::yield_now().await;
-        assert_eq!(
-            beancounter::current_id(),
-            tenant,
-            "poll {i} outside the tenant"
-        );
-        chunks.push(vec![i as u8; CHUNK]);
-    }
-    chunks
-}
 
 /// A "request handler" spawned through the crate from inside tenant 400 allocates, spawns
 /// subtasks (one of which spawns a subtask of its own) and a blocking job, all through the

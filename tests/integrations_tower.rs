@@ -19,7 +19,8 @@ use axum::routing::get;
 use axum::Router;
 use beancounter::tower::TenantLayer;
 use beancounter::{BcId, BeanAlloc, Beancounter, Exceeded, Limits, Resource, Severity};
-use common::Runner;
+use common::tasks::{hopping_chunks, runtime, CHUNK, CHUNKS, TASK_BYTES};
+use common::{memory, Runner};
 use std::collections::HashSet;
 use std::convert::Infallible;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -32,24 +33,8 @@ use tower::{service_fn, Layer, ServiceExt};
 #[global_allocator]
 static ALLOC: BeanAlloc = BeanAlloc::new();
 
-/// One chunk of memory a handler allocates after each `yield_now`.
-const CHUNK: usize = 32 << 10;
-/// Chunks per request.
-const CHUNKS: usize = 8;
-/// What one request holds at the end.
-const REQUEST_BYTES: u64 = (CHUNK * CHUNKS) as u64;
-
-fn runtime() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap()
-}
-
-fn memory(bc: &Beancounter) -> u64 {
-    bc.stat(Resource::Memory).held
-}
+/// What one request holds at the end: one task's chunks.
+const REQUEST_BYTES: u64 = TASK_BYTES;
 
 /// `/t/<id>/...` runs in tenant `<id>`, if it exists; anything else in the host.
 fn tenant_of(req: &Request<Body>) -> Option<Beancounter> {
@@ -73,22 +58,6 @@ async fn body_text(response: Response) -> String {
         .await
         .unwrap();
     String::from_utf8(bytes.to_vec()).unwrap()
-}
-
-/// Allocates `CHUNKS` chunks, one after each yield, checking every time that it still runs
-/// in `tenant`; returns them.
-async fn hopping_chunks(tenant: BcId) -> Vec<Vec<u8>> {
-    let mut chunks = Vec::with_capacity(CHUNKS);
-    for i in 0..CHUNKS {
-        tokio::task::yield_now().await;
-        assert_eq!(
-            beancounter::current_id(),
-            tenant,
-            "poll {i} outside the tenant"
-        );
-        chunks.push(vec![i as u8; CHUNK]);
-    }
-    chunks
 }
 
 /// An axum handler of tenant 500 allocates, spawns subtasks and a blocking job through the

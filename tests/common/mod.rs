@@ -3,6 +3,8 @@
 //! small deterministic random generator.
 #![allow(dead_code)]
 
+pub mod tasks;
+
 use beancounter::{Beancounter, Resource};
 use std::alloc::Layout;
 use std::panic::{self, AssertUnwindSafe};
@@ -101,6 +103,11 @@ impl Runner {
 /// A fresh top-level tenant (panics if the id is taken by a live beancounter with a charge).
 pub fn tenant(id: u32) -> Beancounter {
     beancounter::find_or_create(beancounter::BcId(id)).expect("tenant")
+}
+
+/// True `Memory` held by `bc` (stocks excluded).
+pub fn memory(bc: &Beancounter) -> u64 {
+    bc.stat(Resource::Memory).held
 }
 
 /// True `Memory` and `Allocations` held by `bc` (stocks excluded).
