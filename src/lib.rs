@@ -34,6 +34,11 @@
 //!    fences and waits
 //! report.rs: snapshots, the /proc/user_beancounters table, Prometheus text, event
 //!    watching; above the accounting stack, for host threads only
+//! profile/ (feature `profile`): sampling heap profiles. samples.rs is the store of live
+//!    samples and the stack capture, called by L4 from its slow paths (the only way down
+//!    into it); mod.rs, symbolize.rs, format.rs build a tenant's profile over the public
+//!    API, above the accounting stack like report.rs. The sample countdowns are A0
+//!    (accounting/sampling.rs), carried by the stock entries (A3).
 //! integrations/: tokio.rs (features `tokio`), tower.rs (`tower`): thin adapters over A2
 //!    (spawn in the fork beancounter, a layer entering the request's tenant); above the
 //!    accounting stack like report.rs
@@ -67,6 +72,8 @@ mod alloc;
 #[cfg(any(feature = "tokio", feature = "tower"))]
 mod integrations;
 mod os;
+#[cfg(feature = "profile")]
+pub mod profile;
 pub mod report;
 mod sync;
 

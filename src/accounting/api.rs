@@ -471,6 +471,12 @@ impl fmt::Display for BcError {
             BcError::TooDeep => write!(f, "beancounters nest at most {} deep", MAX_DEPTH),
             BcError::OutOfMemory => f.write_str("the OS refused memory for the beancounter table"),
             BcError::Retired(id) => write!(f, "beancounter {id} was retired"),
+            BcError::InvalidSampleBytes(n) => {
+                write!(
+                    f,
+                    "invalid heap-profile sample distance {n}: need at least 1 byte"
+                )
+            }
         }
     }
 }

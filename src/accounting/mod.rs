@@ -7,6 +7,7 @@
 pub(crate) mod beancounter;
 pub(crate) mod fence;
 pub(crate) mod registry;
+pub(crate) mod sampling;
 pub(crate) mod types;
 
 #[cfg(not(beancounter_loom))]

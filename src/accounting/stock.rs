@@ -39,8 +39,9 @@
 //!   charges only the thread's current tenant, so at most one batch per CPU,
 //!   `min(CPUs × STOCK_BYTES, headroom / 2)`. (A give-back does not raise `held`.)
 //!
-//! An entry grows past two batches only through give-backs; the free that does so trims it
-//! to one batch. So a thread keeps at most two batches per entry, and what it keeps of a
+//! An entry's `take` (what allocations use) is at most one batch, and its `back` (what frees
+//! gave back) grows past one batch only through give-backs; the free that does so trims
+//! `back` to half a batch. So a thread keeps at most two batches per entry, and what it keeps of a
 //! tenant it stopped serving stays until a refill evicts it, a reclaim takes it, or the
 //! thread exits or calls [`drain`](StockSlot::drain).
 //!
@@ -51,6 +52,7 @@
 //! lock.
 
 use super::registry::Registry;
+use super::sampling;
 use super::types::{Exceeded, Resource, Severity};
 use crate::sync::Ordering::{Acquire, Relaxed, Release};
 use crate::sync::{const_fn, AtomicU32, AtomicU64};
@@ -111,11 +113,20 @@ pub(crate) const MEMORY: usize = 0;
 pub(crate) const ALLOCATIONS: usize = 1;
 
 /// What one thread holds of one beancounter: charged, not in use.
+///
+/// `Memory` is held in two parts: `take`, which the fast path allocates from, and `back`,
+/// which frees give back to and the slow path moves into `take`. The fast path thus only
+/// ever lowers `take`, and what it allocated between two slow paths is exactly what `take`
+/// lost: the entry counts down to its next heap-profile sample point for free
+/// (`sampling.rs`), by holding `take` at most at `left` bytes before the point.
 pub(crate) struct Entry {
-    /// Slot index of the beancounter, or `NONE` (then `mem` and `objs` are 0).
+    /// Slot index of the beancounter, or `NONE` (then `take`, `back` and `objs` are 0).
     bc: AtomicU32,
     objs: AtomicU32,
-    mem: AtomicU64,
+    take: AtomicU64,
+    back: AtomicU64,
+    /// Bytes from the end of `take` to the next sample point ([`sampling::OFF`]: none).
+    left: AtomicU64,
 }
 
 impl Entry {
@@ -124,7 +135,9 @@ impl Entry {
             Entry {
                 bc: AtomicU32::new(NONE),
                 objs: AtomicU32::new(0),
-                mem: AtomicU64::new(0),
+                take: AtomicU64::new(0),
+                back: AtomicU64::new(0),
+                left: AtomicU64::new(sampling::OFF),
             }
         }
     }
@@ -133,9 +146,23 @@ impl Entry {
     pub(crate) fn peek(&self) -> (u32, u64, u64) {
         (
             self.bc.load(Relaxed),
-            self.mem.load(Relaxed),
+            self.mem(),
             self.objs.load(Relaxed) as u64,
         )
+    }
+
+    /// `Memory` held: `take` and `back`.
+    fn mem(&self) -> u64 {
+        self.take.load(Relaxed) + self.back.load(Relaxed)
+    }
+
+    /// Holds `mem` bytes with the next sample point `until` bytes of allocation away: `take`
+    /// gets at most one batch, and never reaches the point. The owner, under its lock.
+    fn hold(&self, mem: u64, until: u64) {
+        let take = mem.min(STOCK_BYTES).min(until);
+        self.take.store(take, Relaxed);
+        self.back.store(mem - take, Relaxed);
+        self.left.store(until - take, Relaxed);
     }
 
     /// Uncharges what the entry holds and empties it. The amounts are zeroed before the
@@ -146,8 +173,9 @@ impl Entry {
         if owner == NONE {
             return;
         }
-        let (m, o) = (self.mem.load(Relaxed), self.objs.load(Relaxed));
-        self.mem.store(0, Relaxed);
+        let (m, o) = (self.mem(), self.objs.load(Relaxed));
+        self.take.store(0, Relaxed);
+        self.back.store(0, Relaxed);
         self.objs.store(0, Relaxed);
         self.bc.store(NONE, Relaxed);
         // An entry used up to exactly nothing holds no charge, so nothing keeps `owner`
@@ -174,7 +202,22 @@ pub(crate) struct StockSlot {
     pub(crate) next_free: AtomicU32,
     /// Where the slot is in the process's table (`stock_table`).
     pub(crate) index: u32,
+    /// The random state of the entries' sample countdowns, and the sampling epoch they
+    /// were drawn in (the owner's, under its lock).
+    rng: AtomicU64,
+    epoch: AtomicU32,
     entries: [Entry; ENTRIES],
+}
+
+/// What [`StockSlot::take_slow`] did.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct TakeSlow {
+    /// The allocation was taken from the entry.
+    pub(crate) served: bool,
+    /// A sample point falls in the allocation.
+    pub(crate) sampled: bool,
+    /// The entry's countdown after the allocation, for a refill to install.
+    pub(crate) until: u64,
 }
 
 /// What giving a freed object back to the stock did.
@@ -184,7 +227,7 @@ pub(crate) enum GiveBack {
     NotMine,
     /// Taken into the entry.
     Done,
-    /// Taken, and the entry now holds more than two batches: trim it.
+    /// Taken, and the entry's `back` now holds more than one batch: trim it.
     Trim,
 }
 
@@ -198,6 +241,8 @@ impl StockSlot {
             lock: AtomicU32::new(0),
             next_free: AtomicU32::new(NONE),
             index,
+            rng: AtomicU64::new(0),
+            epoch: AtomicU32::new(0),
             entries: [const { Entry::new() }; ENTRIES],
         }
     }
@@ -211,6 +256,8 @@ impl StockSlot {
             lock: AtomicU32::new(0),
             next_free: AtomicU32::new(NONE),
             index,
+            rng: AtomicU64::new(0),
+            epoch: AtomicU32::new(0),
             entries: core::array::from_fn(|_| Entry::new()),
         }
     }
@@ -248,11 +295,11 @@ impl StockSlot {
     pub(crate) fn try_consume(&self, bc: u32, bytes: u64) -> bool {
         self.fast(|| {
             let e = self.entry(bc);
-            let (m, o) = (e.mem.load(Relaxed), e.objs.load(Relaxed));
+            let (m, o) = (e.take.load(Relaxed), e.objs.load(Relaxed));
             if e.bc.load(Relaxed) != bc || m < bytes || o == 0 {
                 return false;
             }
-            e.mem.store(m - bytes, Relaxed);
+            e.take.store(m - bytes, Relaxed);
             e.objs.store(o - 1, Relaxed);
             true
         })
@@ -261,20 +308,20 @@ impl StockSlot {
 
     /// Owner: puts back what a freed object of `bc` was charged, into the entry of `bc` if
     /// it holds `bc` or nothing. Calls nothing: a call here would give the allocator's
-    /// free path a stack frame.
+    /// free path a stack frame. A tag with [`sampling::SAMPLED`] never matches an entry.
     #[inline]
     pub(crate) fn try_give_back(&self, bc: u32, bytes: u64) -> GiveBack {
         self.fast(|| {
             let e = self.entry(bc);
             let (m, o) = match e.bc.load(Relaxed) {
-                held if held == bc => (e.mem.load(Relaxed) + bytes, e.objs.load(Relaxed) + 1),
-                NONE => (bytes, 1),
+                held if held == bc => (e.back.load(Relaxed) + bytes, e.objs.load(Relaxed) + 1),
+                NONE if bc < sampling::SAMPLED => (bytes, 1),
                 _ => return GiveBack::NotMine,
             };
-            e.mem.store(m, Relaxed);
+            e.back.store(m, Relaxed);
             e.objs.store(o, Relaxed);
             e.bc.store(bc, Relaxed);
-            if m > 2 * STOCK_BYTES || o as u64 > 2 * STOCK_OBJECTS {
+            if m > STOCK_BYTES || o as u64 > 2 * STOCK_OBJECTS {
                 GiveBack::Trim
             } else {
                 GiveBack::Done
@@ -297,6 +344,80 @@ impl StockSlot {
         self.lock.store(0, Release);
     }
 
+    /// Owner, slow path of an allocation of `bytes` for `bc`, checked with `Limit`, that the
+    /// fast path refused: served from the entry if it holds enough
+    /// ([`take_slow`](Self::take_slow)), or charged with a refill
+    /// ([`charge_slow`](Self::charge_slow)). Returns whether a sample point falls in it.
+    /// Tentative, as `charge_slow`.
+    pub(crate) fn alloc_slow(&self, reg: &Registry, bc: u32, bytes: u64) -> Result<bool, Exceeded> {
+        let t = self.take_slow(bc, bytes);
+        if t.served {
+            return Ok(t.sampled);
+        }
+        self.charge_slow(reg, bc, bytes, Severity::Limit, t.until)
+            .map(|()| t.sampled)
+    }
+
+    /// Owner, slow path of an allocation of `bytes` for `bc` that the fast path refused:
+    /// counts it on the entry's sample countdown, and serves it from what the entry holds
+    /// (`take`, and `back` moved into `take`) if it can.
+    pub(crate) fn take_slow(&self, bc: u32, bytes: u64) -> TakeSlow {
+        self.lock();
+        if self.epoch.load(Relaxed) != sampling::epoch() {
+            self.redraw();
+        }
+        let e = self.entry(bc);
+        let mine = e.bc.load(Relaxed) == bc;
+        // Where the entry's next sample point is; a new stream starts afresh.
+        let point = if mine {
+            e.take.load(Relaxed).saturating_add(e.left.load(Relaxed))
+        } else {
+            self.draw()
+        };
+        let sampled = point < bytes;
+        let until = match point {
+            sampling::OFF => sampling::OFF,
+            _ if sampled => self.draw(),
+            p => p - bytes,
+        };
+        let (mem, objs) = (e.mem(), e.objs.load(Relaxed));
+        let served = mine && mem >= bytes && objs > 0;
+        if served {
+            e.objs.store(objs - 1, Relaxed);
+            e.hold(mem - bytes, until);
+        } else if mine {
+            e.hold(mem, until);
+        }
+        self.unlock();
+        TakeSlow {
+            served,
+            sampled,
+            until,
+        }
+    }
+
+    /// A fresh sample countdown for one entry. Under the lock.
+    fn draw(&self) -> u64 {
+        let mut state = self.rng.load(Relaxed);
+        if state == 0 {
+            state = sampling::seed(self as *const Self as u64);
+        }
+        let d = sampling::draw(&mut state);
+        self.rng.store(state, Relaxed);
+        d
+    }
+
+    /// Sampling started or stopped: every entry counts down afresh. Under the lock.
+    #[cold]
+    fn redraw(&self) {
+        self.epoch.store(sampling::epoch(), Relaxed);
+        for e in &self.entries {
+            if e.bc.load(Relaxed) != NONE {
+                e.hold(e.mem(), self.draw());
+            }
+        }
+    }
+
     /// What the entry of `bc` holds of it, `(mem, objs)` (racy unless quiescent).
     pub(crate) fn peek(&self, bc: u32) -> (u64, u64) {
         match self.entry(bc).peek() {
@@ -309,12 +430,15 @@ impl StockSlot {
     /// batch on top when `severity` is `Limit` and the headroom allows (evicting another
     /// beancounter's entry first). Tentative: a refusal here is not counted, the caller
     /// decides (after reclaiming stocks).
+    ///
+    /// `until` is the sample countdown [`take_slow`](Self::take_slow) left for the entry.
     pub(crate) fn charge_slow(
         &self,
         reg: &Registry,
         bc: u32,
         bytes: u64,
         severity: Severity,
+        until: u64,
     ) -> Result<(), Exceeded> {
         self.lock();
         let e = self.entry(bc);
@@ -329,7 +453,7 @@ impl StockSlot {
                     e.give_back(reg);
                 }
                 // Owner under its own lock: no reclaimer is at work on this slot.
-                e.mem.store(e.mem.load(Relaxed) + mem, Relaxed);
+                e.hold(e.mem() + mem, until);
                 e.objs.store(e.objs.load(Relaxed) + objs as u32, Relaxed);
                 e.bc.store(bc, Relaxed);
                 Ok(())
@@ -342,15 +466,16 @@ impl StockSlot {
         result
     }
 
-    /// Owner, slow path: gives back what the entry of `bc` holds beyond one batch.
+    /// Owner, slow path: gives back what the entry of `bc` holds in `back` beyond half a
+    /// batch, and in objects beyond one batch.
     pub(crate) fn trim(&self, reg: &Registry, bc: u32) {
         self.lock();
         let e = self.entry(bc);
-        let (m, o) = (e.mem.load(Relaxed), e.objs.load(Relaxed) as u64);
+        let (back, o) = (e.back.load(Relaxed), e.objs.load(Relaxed) as u64);
         if e.bc.load(Relaxed) == bc {
-            if m > STOCK_BYTES {
-                e.mem.store(STOCK_BYTES, Relaxed);
-                reg.uncharge(bc, MEMORY, m - STOCK_BYTES);
+            if back > STOCK_BYTES / 2 {
+                e.back.store(STOCK_BYTES / 2, Relaxed);
+                reg.uncharge(bc, MEMORY, back - STOCK_BYTES / 2);
             }
             if o > STOCK_OBJECTS {
                 e.objs.store(STOCK_OBJECTS as u32, Relaxed);

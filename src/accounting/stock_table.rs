@@ -9,6 +9,7 @@
 use super::fence::membarrier;
 use super::reclaim::{reclaim, Target};
 use super::registry::registry;
+use super::sampling;
 use super::stock::{charge_pair, charge_pair_counted, charge_pair_undo, GiveBack, StockSlot};
 use super::stock::{ALLOCATIONS, MEMORY, NONE};
 use super::types::{Exceeded, Severity, MAX_DEPTH};
@@ -44,6 +45,10 @@ const UNCLAIMED: *const StockSlot = ptr::null();
 const DIRECT: *const StockSlot = ptr::dangling();
 
 thread_local! {
+    /// The sample countdown of this thread's allocations outside its stock entries: bytes
+    /// to the next point, random state, and the sampling epoch it was drawn in.
+    static COUNTDOWN: (Cell<u64>, Cell<u64>, Cell<u32>) =
+        const { (Cell::new(sampling::OFF), Cell::new(0), Cell::new(0)) };
     static MINE: Cell<*const StockSlot> = const { Cell::new(UNCLAIMED) };
 }
 
@@ -112,22 +117,69 @@ pub(crate) fn try_charge_object(bc: u32, bytes: u64, severity: Severity) -> bool
 }
 
 /// Charges a new object when [`try_charge_object`] could not: refills the stock, or
-/// charges directly; a refusal is counted. Returns the index charged: `bc`, or, if `bc`
-/// was retired, its heir (`Registry::charge_target`), which the object must be tagged with.
+/// charges directly; a refusal is counted. Returns the index charged (`bc`, or, if `bc`
+/// was retired, its heir (`Registry::charge_target`), which the object must be tagged
+/// with) and whether a heap-profile sample point falls in the object.
 #[cold]
 #[inline(never)]
-pub(crate) fn charge_object_slow(bc: u32, bytes: u64, severity: Severity) -> Result<u32, Exceeded> {
+pub(crate) fn charge_object_slow(
+    bc: u32,
+    bytes: u64,
+    severity: Severity,
+) -> Result<(u32, bool), Exceeded> {
     let reg = registry();
     let bc = reg.charge_target(bc);
     claim_mine();
-    let first = match mine() {
-        Some(_) if try_charge_object(bc, bytes, severity) => return Ok(bc),
-        Some(s) => s.charge_slow(reg, bc, bytes, severity),
-        None => charge_pair_counted(reg, bc, bytes, 1, severity, false),
+    let (first, sampled) = match mine() {
+        Some(s) if severity == Severity::Limit => match s.alloc_slow(reg, bc, bytes) {
+            Ok(sampled) => return Ok((bc, sampled)),
+            Err(e) => (Err(e), false),
+        },
+        Some(s) => (
+            s.charge_slow(reg, bc, bytes, severity, sampling::OFF),
+            sample_direct(bytes),
+        ),
+        None => (
+            charge_pair_counted(reg, bc, bytes, 1, severity, false),
+            sample_direct(bytes),
+        ),
     };
     first
         .or_else(|e| reclaim_and_retry(e, bc, bytes, 1, severity))
-        .map(|()| bc)
+        .map(|()| (bc, sampled))
+}
+
+/// Counts `bytes` allocated by this thread outside its stock entries (checked against a
+/// barrier or forced, without a stock, or a block of pages) on the thread's own sample
+/// countdown: true if a sample point falls in them.
+pub(crate) fn sample_direct(bytes: u64) -> bool {
+    COUNTDOWN
+        .try_with(|(left, rng, epoch)| {
+            let mut until = left.get();
+            if epoch.get() != sampling::epoch() {
+                epoch.set(sampling::epoch());
+                until = draw(rng);
+            }
+            let sampled = until < bytes;
+            left.set(match until {
+                sampling::OFF => sampling::OFF,
+                _ if sampled => draw(rng),
+                u => u - bytes,
+            });
+            sampled
+        })
+        .unwrap_or(false)
+}
+
+/// A fresh countdown from a thread's random state, seeded at first use.
+fn draw(rng: &Cell<u64>) -> u64 {
+    let mut state = rng.get();
+    if state == 0 {
+        state = sampling::seed(rng as *const Cell<u64> as u64);
+    }
+    let d = sampling::draw(&mut state);
+    rng.set(state);
+    d
 }
 
 /// Charges a block directly (no stock): `mem` bytes and `objs` objects. Returns the index

@@ -381,6 +381,9 @@ pub enum BcError {
     /// The beancounter was retired ([`Beancounter::retire`](crate::Beancounter::retire)):
     /// it cannot be retired again, get children, or change its limits.
     Retired(BcId),
+    /// A heap profile's mean distance between samples must be at least one byte
+    /// (`profile::start`).
+    InvalidSampleBytes(u64),
 }
 
 impl From<Exceeded> for BcError {

@@ -53,6 +53,14 @@
 //!   the new block is charged to the current exec beancounter like any allocation.
 //! - The allocator's metadata (segment headers, slab tails, heaps, stock and registry tables)
 //!   is charged to nobody.
+//!
+//! # Heap-profile samples
+//! The allocation a sample point falls in is always one of a slow path (a stock entry stops
+//! its fast path before the point, see `stock.rs`); there [`sample_small`] and
+//! [`sample_big`] record it (`profile/samples.rs`) and set [`SAMPLED`] in its tag. No stock
+//! entry holds a tag with that bit, so its free takes the slow path too, which forgets the
+//! sample and uncharges the tag without it. A sampled block never resizes in place (its tag
+//! is not the current beancounter's): it moves, so its sample's size stays true.
 
 use super::page_map::{self, Owner};
 use super::run::{self, Kind, LARGE_MAX, MAX_ALIGN};
@@ -60,6 +68,7 @@ use super::size_class::{self, CLASSES};
 use super::slab::{self, Slab};
 use super::thread_cache::{self, AllocError};
 use crate::accounting::registry::registry;
+use crate::accounting::sampling::SAMPLED;
 use crate::accounting::stock::GiveBack;
 use crate::accounting::types::{Resource, Severity};
 use crate::accounting::{context, stock_table as stock};
@@ -208,9 +217,62 @@ fn alloc_small_mix(slab: &Slab, p: *mut u8, bc: u32, class: usize, zero: bool) -
 fn alloc_small_charge_slow(bc: u32, severity: Severity, class: usize, zero: bool) -> *mut u8 {
     arm_exit_hook();
     match stock::charge_object_slow(bc, CLASSES[class].size as u64, severity) {
-        Ok(charged) => alloc_small_charged(charged, class, zero),
+        Ok((charged, false)) => alloc_small_charged(charged, class, zero),
+        Ok((charged, true)) => sample_small(alloc_small_charged(charged, class, zero), charged),
         Err(_) => ptr::null_mut(),
     }
+}
+
+/// Slab object `p` (or null), charged to `bc`, holds a sample point: recorded, and tagged.
+#[cold]
+#[inline(never)]
+fn sample_small(p: *mut u8, bc: u32) -> *mut u8 {
+    #[cfg(feature = "profile")]
+    if !p.is_null() {
+        let slab = page_map::slab_of(p);
+        if record_sample(p, slab.size() as u64, bc) {
+            slab.set_tag(p, bc | SAMPLED);
+        }
+    }
+    #[cfg(not(feature = "profile"))]
+    let _ = bc;
+    p
+}
+
+/// Block `p` of pages (or null) holds a sample point: recorded, and tagged.
+#[cold]
+#[inline(never)]
+fn sample_big(p: *mut u8) -> *mut u8 {
+    #[cfg(feature = "profile")]
+    if !p.is_null() {
+        let (tag, charged) = match page_map::owner_of(p) {
+            Owner::Large(r) => (&r.tag, r.charged.get()),
+            Owner::Huge(head) => (&head.tag, head.charged.get()),
+            Owner::Slab => return p,
+        };
+        if record_sample(p, charged as u64, tag.get()) {
+            tag.set(tag.get() | SAMPLED);
+        }
+    }
+    p
+}
+
+/// Records a sample of block `p` of `bytes` charged to `bc`, unless sampling stopped since
+/// the point was drawn; true if recorded.
+#[cfg(feature = "profile")]
+fn record_sample(p: *mut u8, bytes: u64, bc: u32) -> bool {
+    let mean = crate::accounting::sampling::mean();
+    mean != 0 && crate::profile::samples::record(p as usize, bytes, bc, mean)
+}
+
+/// Block `p`, whose tag carries [`SAMPLED`], is being freed: its sample goes.
+#[cold]
+#[inline(never)]
+fn unsample(p: *mut u8) {
+    #[cfg(feature = "profile")]
+    crate::profile::samples::forget(p as usize);
+    #[cfg(not(feature = "profile"))]
+    let _ = p;
 }
 
 /// The thread's bin is out of objects (or the thread has no heap yet); the charge is taken
@@ -248,6 +310,18 @@ const MAX_REQUEST: usize = (1 << 47) - 2 * run::SEGMENT;
 #[cold]
 #[inline(never)]
 fn alloc_big(bc: u32, severity: Severity, size: usize, align: usize, zero: bool) -> *mut u8 {
+    let p = alloc_pages(bc, severity, size, align, zero);
+    if crate::accounting::sampling::mean() != 0
+        && !p.is_null()
+        && stock::sample_direct(size.next_multiple_of(PAGE) as u64)
+    {
+        return sample_big(p);
+    }
+    p
+}
+
+/// A block of pages: a large run, or a huge block of its own mapping.
+fn alloc_pages(bc: u32, severity: Severity, size: usize, align: usize, zero: bool) -> *mut u8 {
     // Sizes no mapping can hold are refused before anything is charged, so that they leave
     // no trace in `maxheld`: more than the 128 TiB a user address space spans on x86_64
     // with 4-level page tables (the head and alignment slack of a huge block fit below it).
@@ -283,6 +357,14 @@ fn alloc_big(bc: u32, severity: Severity, size: usize, align: usize, zero: bool)
             ptr::null_mut()
         }
     }
+}
+
+/// Uncharges block `p` of pages, tagged `tag`, being freed; forgets its sample if it has one.
+fn uncharge_block(p: *mut u8, tag: u32, bytes: usize) {
+    if tag & SAMPLED != 0 {
+        unsample(p);
+    }
+    uncharge(tag & !SAMPLED, bytes);
 }
 
 fn uncharge(bc: u32, bytes: usize) {
@@ -335,7 +417,12 @@ unsafe fn free_small_slow(
     ptr: *mut u8,
 ) {
     arm_exit_hook();
-    stock::uncharge_object_slow(outcome, bc, bytes);
+    if bc & SAMPLED != 0 {
+        unsample(ptr);
+        stock::uncharge_object(bc & !SAMPLED, bytes);
+    } else {
+        stock::uncharge_object_slow(outcome, bc, bytes);
+    }
     // SAFETY: as for this function.
     unsafe { thread_cache::free(slab, ptr) }
 }
@@ -345,11 +432,11 @@ unsafe fn free_small_slow(
 fn free_big(ptr: *mut u8) {
     match page_map::owner_of(ptr) {
         Owner::Large(r) => {
-            uncharge(r.tag.get(), r.charged.get());
+            uncharge_block(ptr, r.tag.get(), r.charged.get());
             run::free_run(r);
         }
         Owner::Huge(head) => {
-            uncharge(head.tag.get(), head.charged.get());
+            uncharge_block(ptr, head.tag.get(), head.charged.get());
             run::free_huge(head);
         }
         Owner::Slab => unreachable_slab(),
