@@ -324,30 +324,6 @@ fn in_fork_child() -> i32 {
     0
 }
 
-/// Waits for `pid` up to `timeout`; kills it after that. Returns the wait status, or `None`
-/// if it had to be killed.
-fn wait_for(pid: libc::pid_t, timeout: Duration) -> Option<i32> {
-    let deadline = Instant::now() + timeout;
-    loop {
-        let mut status = 0;
-        // SAFETY: a child of this process; `status` is a valid out-pointer.
-        let r = unsafe { libc::waitpid(pid, &mut status, libc::WNOHANG) };
-        if r == pid {
-            return Some(status);
-        }
-        assert_eq!(r, 0, "waitpid failed");
-        if Instant::now() > deadline {
-            // SAFETY: killing and reaping our own child.
-            unsafe {
-                libc::kill(pid, libc::SIGKILL);
-                libc::waitpid(pid, &mut status, 0);
-            }
-            return None;
-        }
-        std::thread::sleep(Duration::from_millis(1));
-    }
-}
-
 /// Forks 200 times while four threads allocate and free on every route under tenants, hand
 /// blocks to each other, and start and end threads (so every allocator lock is busy). Every
 /// child allocates, checks, and exits 0 within 10 s. Afterwards the workers' tenants are back
@@ -415,7 +391,7 @@ fn fork_while_busy() {
             unsafe { libc::_exit(code) };
         }
         assert!(pid > 0, "fork failed");
-        match wait_for(pid, Duration::from_secs(10)) {
+        match common::wait_for(pid, Duration::from_secs(10)) {
             None => failures.push(format!("fork {n}: child hung (killed after 10 s)")),
             Some(s) if libc::WIFEXITED(s) && libc::WEXITSTATUS(s) == 0 => {}
             Some(s) => failures.push(format!(
@@ -510,7 +486,7 @@ fn fork_while_threads_exit() {
             unsafe { libc::_exit(code) };
         }
         assert!(pid > 0, "fork failed");
-        match wait_for(pid, Duration::from_secs(10)) {
+        match common::wait_for(pid, Duration::from_secs(10)) {
             Some(s) if libc::WIFEXITED(s) && libc::WEXITSTATUS(s) == 0 => {}
             other => failures.push(format!("fork {forks}: {other:?}")),
         }
@@ -565,7 +541,7 @@ fn fork_then_reclaim() {
             unsafe { libc::_exit(code) };
         }
         assert!(pid > 0, "fork failed");
-        match wait_for(pid, Duration::from_secs(3)) {
+        match common::wait_for(pid, Duration::from_secs(3)) {
             Some(s) if libc::WIFEXITED(s) && libc::WEXITSTATUS(s) == 0 => {}
             None => failures.push(format!("fork {forks}: child hung (killed after 3 s)")),
             Some(s) => failures.push(format!("fork {forks}: child status {s:#x}")),

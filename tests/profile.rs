@@ -205,6 +205,74 @@ fn threads_and_cross_thread_frees() {
     assert_eq!(memory(&t), 0);
 }
 
+/// `fork` while two threads take and drop samples all the time (one per 4 KiB): every child
+/// can sample, read its profile and forget samples (no lock is left held by a thread the
+/// child does not have), and the parent's samples are intact after.
+fn fork_while_sampling() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
+    use std::time::Duration;
+    let t = common::tenant(707);
+    profile::start(4 << 10).unwrap();
+    let stop = Arc::new(AtomicBool::new(false));
+    let workers: Vec<_> = (0..2)
+        .map(|_| {
+            let (t, stop) = (t.clone(), stop.clone());
+            std::thread::spawn(move || {
+                let _g = t.enter();
+                let mut held = Vec::with_capacity(64);
+                while !stop.load(Ordering::Relaxed) {
+                    site_other(&mut held, 16);
+                    held.truncate(32);
+                }
+            })
+        })
+        .collect();
+    let mut kept = Vec::with_capacity(8);
+    {
+        let _g = t.enter();
+        site_large(&mut kept, 8);
+    }
+    let mut failures = Vec::new();
+    for n in 0..50 {
+        // SAFETY: the child only allocates through this crate and calls `_exit`.
+        let pid = unsafe { libc::fork() };
+        if pid == 0 {
+            let mut mine = Vec::with_capacity(64);
+            {
+                let _g = t.enter();
+                site_large(&mut mine, 64);
+            }
+            let sampled = profile::heap(t.id()).unwrap().bytes_in("site_large");
+            drop(mine);
+            let after = profile::heap(t.id()).unwrap().bytes_in("site_large");
+            // The parent's 8 blocks are still live in the child's copy of the heap.
+            let ok = sampled >= after + 32 * LARGE as u64 && after <= 16 * LARGE as u64;
+            // SAFETY: ends the child without running the parent's destructors or atexit.
+            unsafe { libc::_exit(i32::from(!ok)) };
+        }
+        assert!(pid > 0, "fork failed");
+        match common::wait_for(pid, Duration::from_secs(10)) {
+            Some(s) if libc::WIFEXITED(s) && libc::WEXITSTATUS(s) == 0 => {}
+            other => failures.push(format!("fork {n}: {other:?}")),
+        }
+    }
+    stop.store(true, Ordering::Relaxed);
+    for w in workers {
+        w.join().unwrap();
+    }
+    assert!(failures.is_empty(), "{failures:#?}");
+    assert!(within(
+        profile_of(&t).bytes_in("site_large"),
+        8 * LARGE as u64,
+        0.01
+    ));
+    drop(kept);
+    profile::stop();
+    assert_eq!(profile_of(&t).samples(), 0);
+    assert_eq!(memory(&t), 0);
+}
+
 /// A stack deeper than the capture limit keeps its leaf-most frames and is marked
 /// `[truncated]`, never a crash.
 fn deep_stacks_are_truncated() {
@@ -321,6 +389,7 @@ fn main() {
         "threads_and_cross_thread_frees",
         threads_and_cross_thread_frees,
     );
+    r.check("fork_while_sampling", fork_while_sampling);
     r.check("deep_stacks_are_truncated", deep_stacks_are_truncated);
     r.check("go_pprof_reads_the_profile", go_pprof_reads_the_profile);
     r.check("bad_input", bad_input);

@@ -647,8 +647,10 @@ fn register_hooks() {
 }
 
 extern "C" fn fork_prepare() {
-    // Lock order: the registry and the stock table (never held while allocating), then the
-    // heap locks, then the run lock (taken under the heap locks).
+    // Lock order: the sample store, the registry and the stock table (never held while
+    // allocating), then the heap locks, then the run lock (taken under the heap locks).
+    #[cfg(feature = "profile")]
+    crate::profile::samples::lock_for_fork();
     registry().lock_for_fork();
     stock::lock_for_fork();
     thread_cache::lock_for_fork();
@@ -674,6 +676,8 @@ unsafe fn unlock_all(child: bool) {
         thread_cache::unlock_after_fork();
         stock::unlock_after_fork(child);
         registry().unlock_after_fork();
+        #[cfg(feature = "profile")]
+        crate::profile::samples::unlock_after_fork();
     }
 }
 

@@ -76,6 +76,21 @@ pub(crate) fn ensure_store() -> bool {
     store.places.is_some()
 }
 
+/// Takes the store's lock across `fork` (see `alloc/global.rs`), so that the child never
+/// starts with it held by a thread it does not have.
+pub(crate) fn lock_for_fork() {
+    core::mem::forget(STORE.lock());
+}
+
+/// Releases the lock taken by [`lock_for_fork`], in the parent and in the child.
+///
+/// # Safety
+/// Only after `lock_for_fork` on this thread (or in the child of the thread that did).
+pub(crate) unsafe fn unlock_after_fork() {
+    // SAFETY: as the caller promises, the lock is held by the fork protocol.
+    unsafe { STORE.force_unlock() };
+}
+
 /// Samples that could not be kept because the store was full.
 pub(crate) fn dropped() -> usize {
     DROPPED.load(Relaxed)

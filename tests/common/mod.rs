@@ -346,3 +346,27 @@ pub fn expect_child_ok(role: &str, timeout_secs: u64) {
         "child {role} failed: {status}"
     );
 }
+
+/// Waits for `pid` up to `timeout`; kills it after that. Returns the wait status, or `None`
+/// if it had to be killed.
+pub fn wait_for(pid: libc::pid_t, timeout: std::time::Duration) -> Option<i32> {
+    let deadline = std::time::Instant::now() + timeout;
+    loop {
+        let mut status = 0;
+        // SAFETY: a child of this process; `status` is a valid out-pointer.
+        let r = unsafe { libc::waitpid(pid, &mut status, libc::WNOHANG) };
+        if r == pid {
+            return Some(status);
+        }
+        assert_eq!(r, 0, "waitpid failed");
+        if std::time::Instant::now() > deadline {
+            // SAFETY: killing and reaping our own child.
+            unsafe {
+                libc::kill(pid, libc::SIGKILL);
+                libc::waitpid(pid, &mut status, 0);
+            }
+            return None;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(1));
+    }
+}
