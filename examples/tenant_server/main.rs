@@ -6,27 +6,33 @@
 //! ```sh
 //! cargo run --release --example tenant_server -- --demo   # drive it, measure, check
 //! cargo run --release --example tenant_server              # serve on 127.0.0.1:8080
-//! cargo run --release --example tenant_server -- --port 9000 --config tenants.conf
+//! cargo run --release --example tenant_server -- --port 9000 --config tenants.conf --profile
 //! ```
 //!
 //! # Requests
-//! The tenant is named by the path prefix `/t/<tenant>/`:
+//! A tenant's work is named by the path prefix `/t/<tenant>/`, its heap profile by the
+//! tenant's number (its [`BcId`]):
 //!
 //! | request | answer |
 //! |---|---|
 //! | `GET /t/<tenant>/work?kib=N` | builds an N KiB document in the tenant: `200`, or `507` when the tenant's barrier refuses it |
 //! | `GET /beancounters` | [`beancounter::report::user_beancounters`] |
 //! | `GET /metrics` | [`beancounter::report::prometheus`], `Content-Type: text/plain; version=0.0.4` |
+//! | `GET /` | the live dashboard ([`dashboard`]): per tenant, held against barrier and limit, held over the last five minutes, `failcnt`, recent events |
+//! | `GET /api/tenants` | what the dashboard shows, as JSON |
+//! | `GET /t/<id>/heap.svg`, `GET /t/<id>/heap.pb.gz` | tenant number `<id>`'s live heap as a flamegraph, and as pprof; sampled only with `--profile` (or `--demo`) |
 //!
 //! An unknown tenant is `404`, a bad `kib` `400`, a method other than `GET` `405` (axum's
 //! answer), a request hyper cannot parse `400` (hyper's). Connections are kept alive.
 //!
 //! # How a request finds its tenant
-//! The router's [`TenantLayer`] picks the tenant from the path (`tenant_of`): the handler, its
-//! extractors and its response run inside the tenant's beancounter at every poll, on whichever
-//! of the [`WORKERS`] tokio workers polls them. `/beancounters`, `/metrics` and unknown tenants
-//! run in the host (the root). The layer also refuses, with `507`, every request of a tenant
-//! that is already over its barrier (`refuse_with`), before its handler runs.
+//! The router's [`TenantLayer`] picks the tenant from the path of `/t/<tenant>/work`
+//! (`tenant_of`): the handler, its extractors and its response run inside the tenant's
+//! beancounter at every poll, on whichever of the [`WORKERS`] tokio workers polls them.
+//! Everything else (the reports, the dashboard and the profiles it links to, unknown
+//! tenants) runs in the host (the root). The layer also refuses, with `507`, every work
+//! request of a tenant that is already over its barrier (`refuse_with`), before its handler
+//! runs.
 //!
 //! # Config
 //! One tenant per line, `tenant <name> <id> <barrier> <limit>`, sizes in bytes or with a
@@ -45,9 +51,10 @@
 //! nothing; so does a reload that cannot create a tenant.
 //!
 //! # How memory is kept in bounds
-//! - The document is reserved inside [`beancounter::fallible`], so the reservation is
-//!   checked against the tenant's **barrier**: over it, `try_reserve` returns `Err` and the
-//!   request gets `507`. Nothing else a handler allocates is tenant-sized.
+//! - The document is reserved inside [`beancounter::fallible`] (in [`build_document`]), so
+//!   the reservation is checked against the tenant's **barrier**: over it, `try_reserve`
+//!   returns `Err` and the request gets `507`. Nothing else a handler allocates is
+//!   tenant-sized.
 //! - Everything else (strings, the response) is an ordinary allocation, checked against the
 //!   **limit**; one that passed the limit would abort the process. The config therefore
 //!   requires `limit >= barrier + HANDLER_SLACK`: fallible requests stop at the barrier,
@@ -70,6 +77,16 @@
 //! a new config (one tenant's limits changed, one removed, `dave` added), sends itself
 //! `SIGHUP`, and checks that the removed tenant is gone (`404`, not in `lookup` or
 //! `/beancounters`), `dave` is served and the new limits hold.
+//!
+//! The demo also turns heap profiling on ([`beancounter::profile`], at the default mean of
+//! one sample per 512 KiB allocated: each granted noisy document, 2 or 6 MiB, is sampled with
+//! probability `1 - e^-4` = 98% or more, and while the noisy tenant is loud one is almost
+//! always being built: the default rate is enough). While the noisy tenant is loud (its
+//! clients go on until this is done) the demo reads its flamegraph, as an operator would from
+//! the dashboard, and checks that it names [`build_document`], where the noise comes from;
+//! it also checks that the pprof download is gzip, that `/api/tenants` lists every tenant
+//! with its bounds, history and the noisy tenant's `failcnt` and refusals, and that `/` is
+//! the page, loading nothing from elsewhere.
 
 use axum::body::Body;
 use axum::extract::{Path, RawQuery, State};
@@ -77,6 +94,7 @@ use axum::http::{header, Request, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::Router;
+use beancounter::profile;
 use beancounter::tower::TenantLayer;
 use beancounter::{
     BcError, BcId, BeanAlloc, Beancounter, Exceeded, Limits, Resource, ResourceStat,
@@ -89,6 +107,11 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
+
+mod dashboard;
+mod demo;
+use dashboard::{Dashboard, Listed};
+use demo::{run_demo, DemoSize};
 
 #[global_allocator]
 static ALLOC: BeanAlloc = BeanAlloc::new();
@@ -369,11 +392,26 @@ fn read(tenants: &SharedTenants) -> std::sync::RwLockReadGuard<'_, Tenants> {
 
 // ---- the server --------------------------------------------------------------------------
 
-/// The layer's pick: `/t/<tenant>/...` runs in that tenant's beancounter; everything else
-/// (reports, unknown tenants, other paths) in the host.
+/// The layer's pick: `/t/<tenant>/work` runs in that tenant's beancounter; everything else
+/// (reports, the dashboard and its profiles, unknown tenants, other paths) in the host.
 fn tenant_of(tenants: &SharedTenants, req: &Request<Body>) -> Option<Beancounter> {
-    let name = req.uri().path().strip_prefix("/t/")?.split('/').next()?;
+    let name = req
+        .uri()
+        .path()
+        .strip_prefix("/t/")?
+        .strip_suffix("/work")?;
     read(tenants).get(name).map(|t| t.bc.clone())
+}
+
+/// The tenants as the dashboard lists them, by name.
+fn listed(tenants: &SharedTenants) -> Vec<Listed> {
+    let all = read(tenants).all();
+    all.iter()
+        .map(|t| Listed {
+            name: t.name.clone(),
+            bc: t.bc.clone(),
+        })
+        .collect()
 }
 
 /// The layer's answer to a request of a tenant already over its barrier.
@@ -412,24 +450,33 @@ async fn work(
         "the layer's tenant"
     );
     let bytes = (kib << 10) as usize;
-    let mut doc: Vec<u8> = Vec::new();
-    // Tenant-sized, so checked against the barrier: refused gracefully, never an abort.
-    if beancounter::fallible(|| doc.try_reserve_exact(bytes)).is_err() {
+    let Some(doc) = build_document(&tenant.name, bytes) else {
         let s = tenant.bc.stat(Resource::Memory);
         let msg = format!(
             "tenant {}: {bytes} bytes refused: held {} + {bytes} > barrier {} (failcnt {})\n",
             tenant.name, s.held, s.barrier, s.failcnt
         );
         return (StatusCode::INSUFFICIENT_STORAGE, msg);
-    }
+    };
+    let msg = format!("tenant {} built {} KiB\n", tenant.name, doc.len() >> 10);
+    (StatusCode::OK, msg)
+}
+
+/// Builds tenant `name`'s document of `bytes` bytes in the current tenant; `None` when its
+/// barrier refuses it. Never inlined, so that heap profiles name it: it is where a tenant's
+/// documents, and a noisy tenant's noise, come from.
+#[inline(never)]
+fn build_document(name: &str, bytes: usize) -> Option<Vec<u8>> {
+    let mut doc: Vec<u8> = Vec::new();
+    // Tenant-sized, so checked against the barrier: refused gracefully, never an abort.
+    beancounter::fallible(|| doc.try_reserve_exact(bytes)).ok()?;
     // Fill it (touching every page, as a real document would: RSS shows what was granted).
-    let page = format!("{} says hello\n", tenant.name).repeat(256);
+    let page = format!("{name} says hello\n").repeat(256);
     while doc.len() < bytes {
         let n = page.len().min(bytes - doc.len());
         doc.extend_from_slice(&page.as_bytes()[..n]);
     }
-    let msg = format!("tenant {} built {kib} KiB\n", tenant.name);
-    (StatusCode::OK, msg)
+    Some(doc)
 }
 
 /// `/beancounters`: the `/proc/user_beancounters` table.
@@ -445,12 +492,13 @@ async fn metrics() -> impl IntoResponse {
 
 /// Any other path.
 async fn not_found() -> (StatusCode, &'static str) {
-    let msg = "try /t/<tenant>/work?kib=N, /beancounters, /metrics\n";
+    let msg = "try /, /t/<tenant>/work?kib=N, /beancounters, /metrics\n";
     (StatusCode::NOT_FOUND, msg)
 }
 
-/// The routes, with every request run in the tenant [`tenant_of`] picks.
-fn app(tenants: SharedTenants) -> Router {
+/// The routes, the dashboard's included, with every request run in the tenant
+/// [`tenant_of`] picks.
+fn app(tenants: SharedTenants, dashboard: &Arc<Dashboard>) -> Router {
     let pick = {
         let tenants = tenants.clone();
         move |req: &Request<Body>| tenant_of(&tenants, req)
@@ -461,6 +509,7 @@ fn app(tenants: SharedTenants) -> Router {
         .route("/metrics", get(metrics))
         .fallback(not_found)
         .with_state(tenants)
+        .merge(dashboard.router())
         .layer(TenantLayer::new(pick).refuse_with(over_barrier))
 }
 
@@ -498,7 +547,8 @@ async fn reload_on_hangup(
     }
 }
 
-/// A running server: axum on a tokio runtime of [`WORKERS`] worker threads.
+/// A running server: axum on a tokio runtime of [`WORKERS`] worker threads, and the
+/// dashboard's sampler.
 struct Server {
     addr: SocketAddr,
     runtime: tokio::runtime::Runtime,
@@ -507,8 +557,8 @@ struct Server {
 }
 
 impl Server {
-    /// Serves `tenants` on `listener`; with `reload`, a `SIGHUP` to the process reloads the
-    /// config from its file (see [`reload`]).
+    /// Serves `tenants` on `listener`, and the dashboard of whatever the table holds; with
+    /// `reload`, a `SIGHUP` to the process reloads the config from its file (see [`reload`]).
     fn start(
         listener: TcpListener,
         tenants: SharedTenants,
@@ -520,7 +570,13 @@ impl Server {
             .worker_threads(WORKERS)
             .thread_name("tenant-server")
             .enable_io()
+            .enable_time()
             .build()?;
+        let dashboard = {
+            let tenants = tenants.clone();
+            Dashboard::new(move || listed(&tenants))
+        };
+        runtime.spawn(dashboard.clone().keep_sampling());
         if let Some(from) = reload {
             let hangups = {
                 let _in = runtime.enter();
@@ -531,7 +587,7 @@ impl Server {
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let serving = runtime.spawn(async move {
             let listener = tokio::net::TcpListener::from_std(listener)?;
-            axum::serve(listener, app(tenants))
+            axum::serve(listener, app(tenants, &dashboard))
                 .with_graceful_shutdown(async {
                     let _ = stopped.await;
                 })
@@ -567,490 +623,11 @@ impl Server {
     }
 }
 
-// ---- the demo ------------------------------------------------------------------------------
-
-/// How hard the demo drives the server.
-struct DemoSize {
-    /// Requests per well-behaved tenant in each phase.
-    requests: u64,
-    /// Client threads of the noisy tenant.
-    noisy_clients: usize,
-}
-
-impl DemoSize {
-    const FULL: DemoSize = DemoSize {
-        requests: 1500,
-        noisy_clients: 2,
-    };
-    #[cfg(test)]
-    const SHORT: DemoSize = DemoSize {
-        requests: 150,
-        noisy_clients: 2,
-    };
-}
-
-/// An HTTP client for the server on loopback: answers of every status are answers (not
-/// errors), and no proxy from the environment is ever used.
-fn client() -> ureq::Agent {
-    let config = ureq::Agent::config_builder()
-        .http_status_as_error(false)
-        .proxy(None)
-        .timeout_global(Some(Duration::from_secs(30)))
-        .build();
-    ureq::Agent::new_with_config(config)
-}
-
-/// One answer: status, `Content-Type`, body.
-type Answer = (u16, String, String);
-
-/// `GET path` from the server at `addr`.
-fn fetch(agent: &ureq::Agent, addr: SocketAddr, path: &str) -> Result<Answer, ureq::Error> {
-    let mut response = agent.get(format!("http://{addr}{path}")).call()?;
-    let content_type = response
-        .headers()
-        .get(header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or("")
-        .to_string();
-    let body = response.body_mut().read_to_string()?;
-    Ok((response.status().as_u16(), content_type, body))
-}
-
-/// Answers and latencies the clients of one phase saw.
-#[derive(Default)]
-struct Tally {
-    ok: u64,
-    refused: u64,
-    /// Requests that asked for more than the tenant's barrier.
-    oversized: u64,
-    /// Any answer but 200 and 507, and client errors.
-    other: Vec<String>,
-    latencies: Vec<Duration>,
-}
-
-impl Tally {
-    /// Sends one work request and records how it went.
-    fn request(&mut self, agent: &ureq::Agent, addr: SocketAddr, tenant: &TenantConf, kib: u64) {
-        self.oversized += u64::from(kib << 10 > tenant.limits.barrier);
-        let started = Instant::now();
-        let answer = fetch(agent, addr, &format!("/t/{}/work?kib={kib}", tenant.name));
-        self.latencies.push(started.elapsed());
-        match answer {
-            Ok((200, ..)) => self.ok += 1,
-            Ok((507, ..)) => self.refused += 1,
-            Ok((status, _, body)) => self.other.push(format!("{status}: {}", body.trim())),
-            Err(e) => self.other.push(e.to_string()),
-        }
-    }
-
-    fn merge(mut self, other: Tally) -> Tally {
-        self.ok += other.ok;
-        self.refused += other.refused;
-        self.oversized += other.oversized;
-        self.other.extend(other.other);
-        self.latencies.extend(other.latencies);
-        self
-    }
-
-    /// (p50, p99) in microseconds.
-    fn percentiles(&mut self) -> (u128, u128) {
-        self.latencies.sort_unstable();
-        let n = self.latencies.len();
-        let at = |q: usize| self.latencies.get((n * q / 100).min(n.saturating_sub(1)));
-        let us = |d: Option<&Duration>| d.map_or(0, Duration::as_micros);
-        (us(at(50)), us(at(99)))
-    }
-}
-
-/// Runs one client thread per tenant, each with its own HTTP client (one keep-alive
-/// connection), sending work requests of the sizes `sizes(i)` for `i = 0, 1, ...` until
-/// `go_on(i)` is false; returns what they all saw.
-fn clients(
-    addr: SocketAddr,
-    tenants: &[TenantConf],
-    sizes: impl Fn(&TenantConf, u64) -> u64 + Clone + Send + 'static,
-    go_on: impl Fn(u64) -> bool + Clone + Send + 'static,
-) -> JoinHandle<Tally> {
-    let handles: Vec<JoinHandle<Tally>> = tenants
-        .iter()
-        .cloned()
-        .map(|t| {
-            let (sizes, go_on) = (sizes.clone(), go_on.clone());
-            std::thread::spawn(move || {
-                let (agent, mut tally) = (client(), Tally::default());
-                let mut i = 0;
-                while go_on(i) {
-                    tally.request(&agent, addr, &t, sizes(&t, i));
-                    i += 1;
-                }
-                tally
-            })
-        })
-        .collect();
-    std::thread::spawn(move || {
-        handles.into_iter().fold(Tally::default(), |all, h| {
-            all.merge(h.join().unwrap_or_default())
-        })
-    })
-}
-
-/// A `/proc/self/status` field in bytes (`VmRSS:`, `VmHWM:`).
-fn proc_status_bytes(field: &str) -> u64 {
-    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
-    let kib = status.lines().find_map(|l| {
-        l.strip_prefix(field)?
-            .trim()
-            .strip_suffix("kB")?
-            .trim()
-            .parse::<u64>()
-            .ok()
-    });
-    kib.unwrap_or(0) << 10
-}
-
-/// The `failcnt` of beancounter `id`'s memory in a `/proc/user_beancounters` table.
-fn table_failcnt(table: &str, id: BcId) -> Option<u64> {
-    let mut lines = table.lines();
-    let header: Vec<&str> = lines.nth(1)?.split_whitespace().collect();
-    let columns = [
-        "uid", "resource", "held", "maxheld", "barrier", "limit", "failcnt",
-    ];
-    if !table.starts_with("Version: 2.5\n") || header != columns {
-        return None;
-    }
-    let row = lines.find(|l| l.trim_start().starts_with(&format!("{id}: memory ")))?;
-    row.split_whitespace().last()?.parse().ok()
-}
-
-/// The `failcnt` of beancounter `id`'s memory in Prometheus text.
-fn metrics_failcnt(text: &str, id: BcId) -> Option<u64> {
-    let key = format!("beancounter_failcnt_total{{id=\"{id}\",resource=\"memory\"}} ");
-    text.lines()
-        .find_map(|l| l.strip_prefix(&key)?.parse().ok())
-}
-
-/// What the demo measured, and the server's reports once every request was over.
-struct Measured {
-    quiet: Tally,
-    loud: Tally,
-    noisy: Tally,
-    elapsed: Duration,
-    sampled_rss: u64,
-    beancounters: Answer,
-    metrics: Answer,
-    /// Per tenant: name, then `stat()` of memory and allocations once idle.
-    settled: Vec<(String, ResourceStat, ResourceStat)>,
-    /// The checks of the reload (`demo_reload`).
-    reload: Vec<(bool, String)>,
-}
-
-/// Runs the server and the two phases: the well-behaved tenants alone, then with the noisy
-/// one asking for an 8th and 3/8 of its barrier (granted) and 16 times its barrier
-/// (refused), in turn, on `noisy_clients` connections at a time.
-fn drive(conf: &[TenantConf], noisy: &TenantConf, size: &DemoSize) -> Result<Measured, String> {
-    let tenants = Tenants::from_config(conf).map_err(|e| e.to_string())?;
-    let tenants: SharedTenants = Arc::new(RwLock::new(tenants));
-    let listener = TcpListener::bind("127.0.0.1:0").map_err(|e| e.to_string())?;
-    // The config a SIGHUP will load, written just before the demo sends it.
-    let reload_path =
-        std::env::temp_dir().join(format!("tenant_server-{}.conf", std::process::id()));
-    let (told, reloads) = std::sync::mpsc::channel();
-    let from = ReloadFrom {
-        path: reload_path.clone(),
-        told: Some(told),
-    };
-    let server = Server::start(listener, tenants.clone(), Some(from)).map_err(|e| e.to_string())?;
-    let addr = server.addr;
-    println!(
-        "tenant_server on {addr}, {WORKERS} workers, {} tenants",
-        conf.len()
-    );
-
-    let running = Arc::new(AtomicBool::new(true));
-    let peak_rss = Arc::new(AtomicU64::new(0));
-    let sampler = {
-        let (running, peak_rss) = (running.clone(), peak_rss.clone());
-        std::thread::spawn(move || {
-            while running.load(Ordering::Relaxed) {
-                peak_rss.fetch_max(proc_status_bytes("VmRSS:"), Ordering::Relaxed);
-                std::thread::sleep(Duration::from_millis(2));
-            }
-        })
-    };
-    let calm: Vec<TenantConf> = conf.iter().filter(|t| t.id != noisy.id).cloned().collect();
-    // Documents of a 32nd to an 8th of the barrier: never near it.
-    let calm_sizes = |t: &TenantConf, i: u64| ((t.limits.barrier >> 15) * (1 + i % 4)).max(1);
-    let requests = size.requests;
-    let started = Instant::now();
-    let quiet = clients(addr, &calm, calm_sizes, move |i| i < requests).join();
-
-    let noisy_sizes =
-        |t: &TenantConf, i: u64| [1, 3, 128][i as usize % 3] * (t.limits.barrier >> 13);
-    // Each noisy client sends at least one oversized request, however slow the machine.
-    let go_on = {
-        let running = running.clone();
-        move |i| i < 3 || running.load(Ordering::Relaxed)
-    };
-    let loud_noisy = vec![noisy.clone(); size.noisy_clients];
-    let noisy_tally = clients(addr, &loud_noisy, noisy_sizes, go_on);
-    let loud = clients(addr, &calm, calm_sizes, move |i| i < requests).join();
-    running.store(false, Ordering::Relaxed);
-    let noisy_tally = noisy_tally.join();
-    let elapsed = started.elapsed();
-    let _ = sampler.join();
-
-    // Every request is answered: what does the server report?
-    let agent = client();
-    let beancounters = fetch(&agent, addr, "/beancounters").map_err(|e| e.to_string())?;
-    let metrics = fetch(&agent, addr, "/metrics").map_err(|e| e.to_string())?;
-    let reload = demo_reload(&agent, addr, conf, &reload_path, &reloads);
-    let _ = std::fs::remove_file(&reload_path);
-    drop(agent);
-    // Once every connection is closed (the server waits for them) and its workers are gone,
-    // what does each tenant still hold?
-    server
-        .shutdown()
-        .map_err(|e| format!("the server failed: {e}"))?;
-    let settled = read(&tenants)
-        .all()
-        .iter()
-        .map(|t| {
-            (
-                t.name.clone(),
-                t.bc.stat(Resource::Memory),
-                t.bc.stat(Resource::Allocations),
-            )
-        })
-        .collect();
-    let joined =
-        |t: std::thread::Result<Tally>| t.map_err(|_| "a client thread panicked".to_string());
-    Ok(Measured {
-        quiet: joined(quiet)?,
-        loud: joined(loud)?,
-        noisy: joined(noisy_tally)?,
-        elapsed,
-        sampled_rss: peak_rss.load(Ordering::Relaxed),
-        beancounters,
-        metrics,
-        settled,
-        reload: reload?,
-    })
-}
-
-/// The config as text, one `tenant` line each.
-fn config_text(conf: &[TenantConf]) -> String {
-    conf.iter()
-        .map(|t| {
-            let (b, l) = (t.limits.barrier, t.limits.limit);
-            format!("tenant {} {} {b} {l}\n", t.name, t.id.0)
-        })
-        .collect()
-}
-
-/// An operator's reload, as the demo's last step: the first tenant's barrier doubles, the
-/// third is removed, `dave` is added; the new config is written to `path` and the process
-/// sends itself `SIGHUP`. Returns what was checked, as `(ok, what)`.
-fn demo_reload(
-    agent: &ureq::Agent,
-    addr: SocketAddr,
-    conf: &[TenantConf],
-    path: &std::path::Path,
-    reloads: &std::sync::mpsc::Receiver<Result<Reloaded, String>>,
-) -> Result<Vec<(bool, String)>, String> {
-    let [first, _, removed, ..] = conf else {
-        return Err("the demo's reload needs at least three tenants".into());
-    };
-    let mut next: Vec<TenantConf> = conf
-        .iter()
-        .filter(|t| t.id != removed.id)
-        .cloned()
-        .collect();
-    let b = first.limits.barrier * 2;
-    next[0].limits = Limits::new(b, b + (first.limits.limit - first.limits.barrier))
-        .map_err(|e| e.to_string())?;
-    let free_id = (1..)
-        .map(BcId)
-        .find(|id| conf.iter().all(|t| t.id != *id))
-        .unwrap();
-    next.push(TenantConf {
-        name: "dave".into(),
-        id: free_id,
-        limits: first.limits,
-    });
-    std::fs::write(path, config_text(&next)).map_err(|e| e.to_string())?;
-    // SAFETY: raise only delivers a signal; the server's handler takes SIGHUP.
-    unsafe { libc::raise(libc::SIGHUP) };
-    let done = reloads
-        .recv_timeout(Duration::from_secs(10))
-        .map_err(|e| format!("no reload after SIGHUP: {e}"))?;
-    let want = Reloaded {
-        created: vec!["dave".into()],
-        changed: vec![first.name.clone()],
-        retired: vec![removed.name.clone()],
-    };
-    println!(
-        "SIGHUP reload: {}",
-        done.as_ref().map_or_else(|e| e.clone(), |r| r.to_string())
-    );
-    let status = |path: &str| fetch(agent, addr, path).map_or(0, |a| a.0);
-    let gone = status(&format!("/t/{}/work?kib=1", removed.name));
-    let added = status("/t/dave/work?kib=64");
-    let table = fetch(agent, addr, "/beancounters")
-        .map_err(|e| e.to_string())?
-        .2;
-    let listed = |id: BcId| table_failcnt(&table, id).is_some();
-    let barrier = beancounter::lookup(first.id).map(|t| t.stat(Resource::Memory).barrier);
-    Ok(vec![
-        (
-            done.as_ref() == Ok(&want),
-            format!("SIGHUP reload {done:?} == {want:?}"),
-        ),
-        (
-            gone == 404 && beancounter::lookup(removed.id).is_none() && !listed(removed.id),
-            format!(
-                "retired `{}`: 404 ({gone}), gone from lookup and /beancounters",
-                removed.name
-            ),
-        ),
-        (
-            added == 200 && listed(free_id),
-            format!("new `dave`: 200 ({added}), listed in /beancounters"),
-        ),
-        (
-            barrier == Some(b),
-            format!("`{}`'s barrier is now {b} ({barrier:?})", first.name),
-        ),
-    ])
-}
-
-/// Runs the demo, prints what it measured and checked; `Ok` holds the failed checks.
-fn run_demo(conf: &[TenantConf], size: &DemoSize) -> Result<Vec<String>, String> {
-    let noisy = conf
-        .iter()
-        .find(|t| t.name == "noisy")
-        .ok_or("the demo needs a tenant named `noisy`")?;
-    let mut m = drive(conf, noisy, size)?;
-    let mib = |b: u64| b as f64 / (1 << 20) as f64;
-    let (q50, q99) = m.quiet.percentiles();
-    let (l50, l99) = m.loud.percentiles();
-    let (n50, n99) = m.noisy.percentiles();
-    let total = m.quiet.latencies.len() + m.loud.latencies.len() + m.noisy.latencies.len();
-    println!("{total} requests in {:.2} s", m.elapsed.as_secs_f64());
-    println!(
-        "well-behaved tenants, {} requests per phase:",
-        m.quiet.latencies.len()
-    );
-    println!(
-        "  without noisy: p50 {q50:>6} us  p99 {q99:>6} us  refused {}",
-        m.quiet.refused
-    );
-    println!(
-        "  with noisy:    p50 {l50:>6} us  p99 {l99:>6} us  refused {}",
-        m.loud.refused
-    );
-    let (ok, refused, oversized) = (m.noisy.ok, m.noisy.refused, m.noisy.oversized);
-    let noisy_stat = m
-        .settled
-        .iter()
-        .find(|s| s.0 == noisy.name)
-        .map(|s| s.1)
-        .unwrap_or_default();
-    println!(
-        "noisy: {} requests, {ok} served, {refused} refused with 507 ({oversized} asked for 16 x \
-         its barrier of {:.0} MiB); failcnt {}, maxheld {:.1} MiB; p50 {n50} us  p99 {n99} us",
-        m.noisy.latencies.len(),
-        mib(noisy.limits.barrier),
-        noisy_stat.failcnt,
-        mib(noisy_stat.maxheld)
-    );
-    let limits: u64 = conf.iter().map(|t| t.limits.limit).sum();
-    let (bound, hwm) = (limits + RSS_OVERHEAD, proc_status_bytes("VmHWM:"));
-    println!(
-        "RSS: peak {:.1} MiB (VmHWM; sampled VmRSS peak {:.1} MiB, now {:.1} MiB); bound {:.0} MiB \
-         = limits {:.0} MiB + overhead {:.0} MiB \
-         (up to 64 MiB of freed pages the allocator keeps for a second; binary, stacks, \
-         allocator metadata, the beancounter table, the host's heap)",
-        mib(hwm),
-        mib(m.sampled_rss),
-        mib(proc_status_bytes("VmRSS:")),
-        mib(bound),
-        mib(limits),
-        mib(RSS_OVERHEAD),
-    );
-    for (name, mem, objs) in &m.settled {
-        println!(
-            "idle: {name:<8} holds {:>6} bytes in {} allocations",
-            mem.held, objs.held
-        );
-    }
-
-    let failcnt = noisy_stat.failcnt;
-    let calm_failcnt: u64 = m
-        .settled
-        .iter()
-        .filter(|s| s.0 != noisy.name)
-        .map(|s| s.1.failcnt)
-        .sum();
-    let others: Vec<&String> = m
-        .quiet
-        .other
-        .iter()
-        .chain(&m.loud.other)
-        .chain(&m.noisy.other)
-        .collect();
-    let (status, _, table) = &m.beancounters;
-    let table_fc = table_failcnt(table, noisy.id).filter(|_| *status == 200);
-    let (status, content_type, text) = &m.metrics;
-    let metrics_fc = metrics_failcnt(text, noisy.id)
-        .filter(|_| *status == 200 && content_type == "text/plain; version=0.0.4");
-    let checks = [
-        (refused > 0, format!("noisy refused {refused} > 0")),
-        (
-            refused == failcnt && refused == oversized,
-            format!(
-                "noisy refused {refused} == failcnt {failcnt} == oversized requests {oversized}"
-            ),
-        ),
-        (
-            m.quiet.refused + m.loud.refused == 0 && calm_failcnt == 0,
-            format!(
-                "well-behaved refused {}, failcnt {calm_failcnt}",
-                m.quiet.refused + m.loud.refused
-            ),
-        ),
-        (
-            others.is_empty(),
-            format!("no other answers or client errors {others:?}"),
-        ),
-        (hwm <= bound, format!("peak RSS {hwm} <= bound {bound}")),
-        (
-            m.settled.iter().all(|s| s.1.held <= SETTLED_SLACK),
-            format!("every tenant holds <= {SETTLED_SLACK} bytes when idle"),
-        ),
-        (
-            table_fc == Some(failcnt),
-            format!("GET /beancounters parses, noisy failcnt {table_fc:?}"),
-        ),
-        (
-            metrics_fc == Some(failcnt),
-            format!("GET /metrics parses, noisy failcnt {metrics_fc:?}"),
-        ),
-    ];
-    println!("checks:");
-    let mut failed = Vec::new();
-    for (ok, what) in checks.into_iter().chain(m.reload.drain(..)) {
-        println!("  [{}] {what}", if ok { "ok" } else { "FAIL" });
-        if !ok {
-            failed.push(what);
-        }
-    }
-    Ok(failed)
-}
-
 // ---- main --------------------------------------------------------------------------------
 
 struct Args {
     demo: bool,
+    profile: bool,
     port: u16,
     config: Option<String>,
 }
@@ -1058,6 +635,7 @@ struct Args {
 fn parse_args() -> Result<Args, String> {
     let mut args = Args {
         demo: false,
+        profile: false,
         port: 8080,
         config: None,
     };
@@ -1065,6 +643,7 @@ fn parse_args() -> Result<Args, String> {
     while let Some(a) = it.next() {
         match a.as_str() {
             "--demo" => args.demo = true,
+            "--profile" => args.profile = true,
             "--port" => {
                 args.port = it
                     .next()
@@ -1079,8 +658,9 @@ fn parse_args() -> Result<Args, String> {
 }
 
 fn run() -> Result<(), String> {
-    let args = parse_args()
-        .map_err(|e| format!("{e}\nusage: tenant_server [--demo] [--port N] [--config FILE]"))?;
+    let args = parse_args().map_err(|e| {
+        format!("{e}\nusage: tenant_server [--demo] [--port N] [--config FILE] [--profile]")
+    })?;
     let (source, text) = match &args.config {
         Some(path) => (
             path.as_str(),
@@ -1096,6 +676,9 @@ fn run() -> Result<(), String> {
             false => Err(format!("--demo FAILED: {}", failed.join("; "))),
         };
     }
+    if args.profile {
+        profile::start(profile::DEFAULT_SAMPLE_BYTES).map_err(|e| format!("--profile: {e}"))?;
+    }
     let tenants = Tenants::from_config(&conf).map_err(|e| e.to_string())?;
     let listener = TcpListener::bind(("127.0.0.1", args.port)).map_err(|e| e.to_string())?;
     let reload = args.config.as_ref().map(|path| ReloadFrom {
@@ -1106,8 +689,9 @@ fn run() -> Result<(), String> {
         .map_err(|e| e.to_string())?;
     let (a, t) = (server.addr, &conf[0]);
     println!(
-        "tenant_server on http://{a}/ with {} tenants; try:",
-        conf.len()
+        "tenant_server on http://{a}/ with {} tenants (the dashboard; heap profiles {}); try:",
+        conf.len(),
+        if args.profile { "on" } else { "off: --profile" }
     );
     println!("  curl -i 'http://{a}/t/{}/work?kib=256'", t.name);
     println!(
