@@ -273,6 +273,33 @@ fn fork_while_sampling() {
     assert_eq!(memory(&t), 0);
 }
 
+/// A retired tenant's leftover blocks keep their samples on its retired record: its id is
+/// `NotFound`, and a fresh tenant with the same id shows none of them.
+fn retired_leftovers_stay_out_of_profiles() {
+    let t = common::tenant(708);
+    profile::start(MEAN).unwrap();
+    let mut leftovers = Vec::with_capacity(16);
+    {
+        let _g = t.enter();
+        site_large(&mut leftovers, 16);
+    }
+    assert!(profile_of(&t).bytes_in("site_large") > 0);
+    t.retire().unwrap();
+    assert!(matches!(
+        profile::heap(BcId(708)),
+        Err(BcError::NotFound(BcId(708)))
+    ));
+    let fresh = common::tenant(708);
+    assert_eq!(
+        profile_of(&fresh).samples(),
+        0,
+        "leftovers in the fresh tenant"
+    );
+    drop(leftovers);
+    profile::stop();
+    assert_eq!(memory(&fresh), 0);
+}
+
 /// A stack deeper than the capture limit keeps its leaf-most frames and is marked
 /// `[truncated]`, never a crash.
 fn deep_stacks_are_truncated() {
@@ -390,6 +417,10 @@ fn main() {
         threads_and_cross_thread_frees,
     );
     r.check("fork_while_sampling", fork_while_sampling);
+    r.check(
+        "retired_leftovers_stay_out_of_profiles",
+        retired_leftovers_stay_out_of_profiles,
+    );
     r.check("deep_stacks_are_truncated", deep_stacks_are_truncated);
     r.check("go_pprof_reads_the_profile", go_pprof_reads_the_profile);
     r.check("bad_input", bad_input);

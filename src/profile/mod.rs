@@ -28,6 +28,8 @@
 //! - [`stop`] when off does nothing. After [`stop`], no new samples are taken, and the
 //!   samples of blocks still live stay in [`heap`] until the blocks are freed.
 //! - [`heap`] of an id with no live beancounter is [`BcError::NotFound`].
+//! - A retired tenant's leftover blocks stay charged to its retired record, so their
+//!   samples appear in no profile, not even that of a fresh tenant with the same id.
 //! - A stack deeper than 64 frames keeps its 64 leaf-most frames and is marked: its
 //!   folded stack starts with a `[truncated]` frame.
 //! - At most 32 768 samples are live at once (16 GiB of live memory at the default rate);
