@@ -75,13 +75,24 @@ const ALLOCATORS: &[&str] = &[
     "system",
 ];
 
+/// The programs also run with heap profiling on at the default rate (`profiled`).
+const PROGRAM_COLUMNS: &[&str] = &[
+    "beancounter",
+    "beancounter_root",
+    "mimalloc",
+    "jemalloc",
+    "system",
+    "beancounter_profiled",
+];
+
 static PROGRAMS: Group = Group {
     name: "programs",
-    columns: ALLOCATORS,
+    columns: PROGRAM_COLUMNS,
     ratios: &[
         ("ours/mimalloc", 0, 2),
         ("root/mimalloc", 1, 2),
         ("ours/root", 0, 1),
+        ("profiled/ours", 5, 0),
     ],
     rss_after: true,
     geomean: true,
@@ -126,7 +137,7 @@ fn program(name: &'static str, real_library: bool, run: fn(&Mode) -> child::Meas
     Workload {
         group: &PROGRAMS,
         name,
-        variants: ALLOCATORS,
+        variants: PROGRAM_COLUMNS,
         unit: "ms",
         real_library,
         run,
@@ -202,6 +213,10 @@ fn main() {
         w.variants.contains(&variant.as_str()) && dispatch::allocator_of(&variant).is_some(),
         "{name} has no column {variant}"
     );
+    if variant == "beancounter_profiled" {
+        beancounter::profile::start(beancounter::profile::DEFAULT_SAMPLE_BYTES)
+            .expect("start heap profiling");
+    }
     let mode = Mode {
         variant,
         quick: harness::quick_env(),

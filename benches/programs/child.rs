@@ -12,9 +12,13 @@ pub struct Mode {
 }
 
 impl Mode {
-    /// `beancounter`: every workload thread works inside a tenant of its own.
+    /// `beancounter` (and `beancounter_profiled`): every workload thread works inside a
+    /// tenant of its own.
     pub fn tenants(&self) -> bool {
-        self.variant == "beancounter"
+        matches!(
+            self.variant.as_str(),
+            "beancounter" | "beancounter_profiled"
+        )
     }
 
     /// `full`, or a twentieth of it in quick mode.

@@ -279,7 +279,9 @@ iteration, or `ns` per request / poll, per thread), `minflt` = minor page faults
 timed iteration, `peak` = peak RSS of the child process in MiB, and for `programs` \
 `rss 1s` = resident MiB one second after the workload freed everything (`fragmentation` \
 only). `beancounter` runs every workload thread in a tenant of its own; `beancounter_root` \
-the same allocator with no tenant entered. In `switching`, `noswitch` is the same work on \
+the same allocator with no tenant entered; `beancounter_profiled` the `beancounter` column \
+with heap profiling on at the default rate (`profile::start(DEFAULT_SAMPLE_BYTES)`, one \
+sample per 512 KiB). In `switching`, `noswitch` is the same work on \
 `BeanAlloc` without the guard (`per_request`) or without `in_beancounter` (`per_poll`). \
 Ratios are of times: the median over the rounds of the ratio within each round (the \
 columns of a round run back to back, so slow phases of the machine cancel); `ours` = \
