@@ -424,6 +424,27 @@ fn demo_reload(
     ])
 }
 
+/// The host draws flamegraphs by resolving sampled addresses to names; the first time, the
+/// symbolizer reads the executable's symbol table and debug info into memory: host memory,
+/// nothing a tenant allocated (about 40 MiB for this example's release build, which
+/// carries std's debug info, and more for an unoptimised build). Loads it
+/// now, before any tenant runs, and returns the resident bytes it took, which the RSS bound
+/// then states on its own line.
+fn warm_symbolizer() -> u64 {
+    let before = proc_status_bytes("VmRSS:");
+    // A reservation this large is sampled (one byte in 512 Ki is a sample point) without
+    // touching its pages; its stack is then resolved like any flamegraph's.
+    let reserved: Vec<u8> = Vec::with_capacity(64 << 20);
+    let resolved = profile::heap(BcId::ROOT).map(|p| p.samples());
+    drop(reserved);
+    let after = proc_status_bytes("VmRSS:");
+    println!(
+        "symbolizer loaded ({resolved:?} root samples resolved): {} KiB resident",
+        after.saturating_sub(before) >> 10
+    );
+    after.saturating_sub(before)
+}
+
 /// Runs the demo, prints what it measured and checked; `Ok` holds the failed checks.
 pub(crate) fn run_demo(conf: &[TenantConf], size: &DemoSize) -> Result<Vec<String>, String> {
     let noisy = conf
@@ -431,6 +452,7 @@ pub(crate) fn run_demo(conf: &[TenantConf], size: &DemoSize) -> Result<Vec<Strin
         .find(|t| t.name == "noisy")
         .ok_or("the demo needs a tenant named `noisy`")?;
     profile::start(profile::DEFAULT_SAMPLE_BYTES).map_err(|e| format!("profile::start: {e}"))?;
+    let symbols = warm_symbolizer();
     let mut m = drive(conf, noisy, size)?;
     let mib = |b: u64| b as f64 / (1 << 20) as f64;
     let (q50, q99) = m.quiet.percentiles();
@@ -466,18 +488,20 @@ pub(crate) fn run_demo(conf: &[TenantConf], size: &DemoSize) -> Result<Vec<Strin
         mib(noisy_stat.maxheld)
     );
     let limits: u64 = conf.iter().map(|t| t.limits.limit).sum();
-    let (bound, hwm) = (limits + RSS_OVERHEAD, proc_status_bytes("VmHWM:"));
+    let (bound, hwm) = (limits + RSS_OVERHEAD + symbols, proc_status_bytes("VmHWM:"));
     println!(
         "RSS: peak {:.1} MiB (VmHWM; sampled VmRSS peak {:.1} MiB, now {:.1} MiB); bound {:.0} MiB \
          = limits {:.0} MiB + overhead {:.0} MiB \
          (up to 64 MiB of freed pages the allocator keeps for a second; binary, stacks, \
-         allocator metadata, the beancounter table, the host's heap)",
+         allocator metadata, the beancounter table, the host's heap) \
+         + the symbolizer's tables {:.1} MiB (measured)",
         mib(hwm),
         mib(m.sampled_rss),
         mib(proc_status_bytes("VmRSS:")),
         mib(bound),
         mib(limits),
         mib(RSS_OVERHEAD),
+        mib(symbols),
     );
     for (name, mem, objs) in &m.settled {
         println!(
@@ -532,7 +556,15 @@ pub(crate) fn run_demo(conf: &[TenantConf], size: &DemoSize) -> Result<Vec<Strin
             others.is_empty(),
             format!("no other answers or client errors {others:?}"),
         ),
-        (hwm <= bound, format!("peak RSS {hwm} <= bound {bound}")),
+        // Under AddressSanitizer (.ci/asan sets BEANCOUNTER_SANITIZER) RSS also counts the
+        // sanitizer's shadow memory and quarantine, which this process cannot bound.
+        match std::env::var_os("BEANCOUNTER_SANITIZER") {
+            None => (hwm <= bound, format!("peak RSS {hwm} <= bound {bound}")),
+            Some(_) => (
+                true,
+                format!("peak RSS {hwm} (bound {bound}) not checked under a sanitizer"),
+            ),
+        },
         (
             m.settled.iter().all(|s| s.1.held <= SETTLED_SLACK),
             format!("every tenant holds <= {SETTLED_SLACK} bytes when idle"),

@@ -71,7 +71,9 @@
 //! than its barrier. It prints the refusals, the noisy tenant's `failcnt`, the others'
 //! latency in both phases and the process RSS, and exits non-zero unless: the noisy
 //! tenant was refused and its `failcnt` matches, the others were never refused, RSS stayed
-//! within the sum of the limits plus [`RSS_OVERHEAD`], every tenant is back to (almost)
+//! within the sum of the limits plus [`RSS_OVERHEAD`] plus the symbol tables the host loads to
+//! draw flamegraphs (measured before any tenant runs; not checked under a sanitizer, whose
+//! own memory RSS counts), every tenant is back to (almost)
 //! nothing held once the server has closed its connections, and `/beancounters` and
 //! `/metrics` parse and show the `failcnt`. Last, it reloads as an operator would: it writes
 //! a new config (one tenant's limits changed, one removed, `dave` added), sends itself

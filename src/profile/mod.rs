@@ -27,6 +27,9 @@
 //!   [`STOCK_BYTES`](crate::STOCK_BYTES), of allocation per tenant later).
 //! - [`stop`] when off does nothing. After [`stop`], no new samples are taken, and the
 //!   samples of blocks still live stay in [`heap`] until the blocks are freed.
+//! - The first [`heap`] that resolves names loads the binary's symbol table and debug info
+//!   into the calling process (about 40 MiB resident for the tenant server's release build,
+//!   which carries std's line tables); later calls reuse them and cache resolved addresses.
 //! - [`heap`] of an id with no live beancounter is [`BcError::NotFound`].
 //! - A retired tenant's leftover blocks stay charged to its retired record, so their
 //!   samples appear in no profile, not even that of a fresh tenant with the same id.
