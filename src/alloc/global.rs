@@ -396,26 +396,22 @@ unsafe fn free_small(slab: &'static Slab, ptr: *mut u8) {
     let outcome = stock::try_uncharge_object(bc, bytes);
     if outcome != GiveBack::Done {
         // SAFETY: as for this function.
-        return unsafe { free_small_slow(outcome, bc, bytes, slab, ptr) };
+        return unsafe { free_small_slow(outcome, slab, ptr) };
     }
     // SAFETY: `ptr` is a live object of `slab`, given up by the caller.
     unsafe { thread_cache::free(slab, ptr) }
 }
 
 /// A slab object whose charge the stock could not take in full: finish the uncharge, then
-/// free.
+/// free. Its tag and size are read again here rather than passed: fewer values live across
+/// the fast path let it keep them all in scratch registers (no stack frame to save them).
 ///
 /// # Safety
 /// `ptr` is a live object of `slab`, given up by the caller.
 #[cold]
 #[inline(never)]
-unsafe fn free_small_slow(
-    outcome: GiveBack,
-    bc: u32,
-    bytes: u64,
-    slab: &'static Slab,
-    ptr: *mut u8,
-) {
+unsafe fn free_small_slow(outcome: GiveBack, slab: &'static Slab, ptr: *mut u8) {
+    let (bc, bytes) = (slab.tag(ptr), slab.size() as u64);
     arm_exit_hook();
     if bc & SAMPLED != 0 {
         unsample(ptr);
