@@ -50,8 +50,19 @@ pub(crate) fn set_mean(bytes: u64) {
     EPOCH.fetch_add(1, Relaxed);
 }
 
-/// A stream's random state: xorshift64*, seeded per stream.
-pub(crate) fn seed(salt: u64) -> u64 {
+/// Counts `bytes` allocated on a stream whose next sample point is `point` bytes away:
+/// whether the point falls in them, and the distance to the next point after them (`fresh`
+/// draws a new one when it did; the exponential is memoryless, so it starts after them).
+pub(crate) fn count(point: u64, bytes: u64, fresh: impl FnOnce() -> u64) -> (bool, u64) {
+    match point {
+        OFF => (false, OFF),
+        p if p < bytes => (true, fresh()),
+        p => (false, p - bytes),
+    }
+}
+
+/// A stream's random state for xorshift64*, from a per-stream salt.
+fn seed(salt: u64) -> u64 {
     // SplitMix64 of the salt: distinct, well-mixed, never zero in practice.
     let mut z = salt.wrapping_add(0x9e37_79b9_7f4a_7c15);
     z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
@@ -59,14 +70,15 @@ pub(crate) fn seed(salt: u64) -> u64 {
     (z ^ (z >> 31)) | 1
 }
 
-/// Bytes to the next sample point of a stream whose random state is `state` (advanced):
-/// an exponential draw with mean [`mean`], or [`OFF`] while sampling is off.
-pub(crate) fn draw(state: &mut u64) -> u64 {
+/// Bytes to the next sample point of a stream whose random state is `state` (advanced; a
+/// state of 0 is first seeded from `salt`): an exponential draw with mean [`mean`], or
+/// [`OFF`] while sampling is off.
+pub(crate) fn draw(state: &mut u64, salt: u64) -> u64 {
     let mean = mean();
     if mean == 0 {
         return OFF;
     }
-    let mut x = *state;
+    let mut x = if *state == 0 { seed(salt) } else { *state };
     x ^= x >> 12;
     x ^= x << 25;
     x ^= x >> 27;
@@ -84,11 +96,11 @@ mod tests {
 
     #[test]
     fn draws_have_the_mean_and_are_off_without_one() {
-        let mut s = seed(7);
-        assert_eq!(draw(&mut s), OFF, "sampling is off by default");
+        let mut s = 0;
+        assert_eq!(draw(&mut s, 7), OFF, "sampling is off by default");
         MEAN.store(1000, Relaxed);
         let n = 200_000;
-        let sum: u64 = (0..n).map(|_| draw(&mut s)).sum();
+        let sum: u64 = (0..n).map(|_| draw(&mut s, 7)).sum();
         MEAN.store(0, Relaxed);
         let mean = sum as f64 / n as f64;
         assert!(

@@ -374,12 +374,7 @@ impl StockSlot {
         } else {
             self.draw()
         };
-        let sampled = point < bytes;
-        let until = match point {
-            sampling::OFF => sampling::OFF,
-            _ if sampled => self.draw(),
-            p => p - bytes,
-        };
+        let (sampled, until) = sampling::count(point, bytes, || self.draw());
         let (mem, objs) = (e.mem(), e.objs.load(Relaxed));
         let served = mine && mem >= bytes && objs > 0;
         if served {
@@ -399,10 +394,7 @@ impl StockSlot {
     /// A fresh sample countdown for one entry. Under the lock.
     fn draw(&self) -> u64 {
         let mut state = self.rng.load(Relaxed);
-        if state == 0 {
-            state = sampling::seed(self as *const Self as u64);
-        }
-        let d = sampling::draw(&mut state);
+        let d = sampling::draw(&mut state, self as *const Self as u64);
         self.rng.store(state, Relaxed);
         d
     }

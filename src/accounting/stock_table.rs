@@ -160,12 +160,8 @@ pub(crate) fn sample_direct(bytes: u64) -> bool {
                 epoch.set(sampling::epoch());
                 until = draw(rng);
             }
-            let sampled = until < bytes;
-            left.set(match until {
-                sampling::OFF => sampling::OFF,
-                _ if sampled => draw(rng),
-                u => u - bytes,
-            });
+            let (sampled, next) = sampling::count(until, bytes, || draw(rng));
+            left.set(next);
             sampled
         })
         .unwrap_or(false)
@@ -174,10 +170,7 @@ pub(crate) fn sample_direct(bytes: u64) -> bool {
 /// A fresh countdown from a thread's random state, seeded at first use.
 fn draw(rng: &Cell<u64>) -> u64 {
     let mut state = rng.get();
-    if state == 0 {
-        state = sampling::seed(rng as *const Cell<u64> as u64);
-    }
-    let d = sampling::draw(&mut state);
+    let d = sampling::draw(&mut state, rng as *const Cell<u64> as u64);
     rng.set(state);
     d
 }
