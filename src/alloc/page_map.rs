@@ -28,7 +28,7 @@ pub(crate) enum Owner {
 pub(crate) fn slab_of(ptr: *const u8) -> &'static Slab {
     // SAFETY: `ptr` lies in a slab run, whose payload holds its `Slab` for as long as the
     // run lives, i.e. while any of its objects does.
-    unsafe { &*(run::head_of(ptr).payload_of(ptr) as *const Slab) }
+    unsafe { &*(run::head_of(ptr).slab_payload_of(ptr) as *const Slab) }
 }
 
 /// The owner of `ptr`, a block handed out by this allocator and not yet freed.

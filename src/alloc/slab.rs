@@ -320,6 +320,12 @@ impl Slab {
         if self.used.get() + free + (self.capacity - self.bump.get()) != self.capacity {
             return Err("used + free + unbumped != capacity");
         }
+        let span = self.capacity as usize * self.size as usize;
+        for at in (0..span).step_by(PAGE).chain(span.checked_sub(1)) {
+            if !ptr::eq(super::page_map::slab_of(self.base.wrapping_add(at)), self) {
+                return Err("a page of the slab does not lead back to it");
+            }
+        }
         Ok(())
     }
 }
