@@ -297,9 +297,9 @@ fn stock_consume_races_reclaim() {
                         live += 2;
                     }
                 }
-                // Free one object: back into the entry (refilled, or empty once a reclaim
-                // took it), or directly while the reclaimer is at work.
-                if slot.try_give_back(bc, 2) == GiveBack::NotMine {
+                // Free one object: back into the entry (refilled, or, adopted, empty once a
+                // reclaim took it), or directly while the reclaimer is at work.
+                if slot.try_give_back(bc, 2) == GiveBack::NotMine && !slot.adopt(bc, 2) {
                     charge_pair_undo(&reg, bc, 2);
                 }
                 live - 2
@@ -460,7 +460,7 @@ fn tenant_entries_race_a_reclaim() {
                 // The switch to B: its own entry, A's stays.
                 slot.alloc_slow(&reg, b, 2).unwrap();
                 // A's object freed while working for B.
-                if slot.try_give_back(a, 2) == GiveBack::NotMine {
+                if slot.try_give_back(a, 2) == GiveBack::NotMine && !slot.adopt(a, 2) {
                     charge_pair_undo(&reg, a, 2);
                 }
                 let mut live_b = 2;
@@ -525,7 +525,7 @@ fn colliding_entries_race_a_subtree_reclaim() {
                     Ok(_) => 2,
                     Err(_) => 0,
                 };
-                if slot.try_give_back(a, 2) == GiveBack::NotMine {
+                if slot.try_give_back(a, 2) == GiveBack::NotMine && !slot.adopt(a, 2) {
                     charge_pair_undo(&reg, a, 2);
                 }
                 live_c

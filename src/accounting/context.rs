@@ -23,23 +23,71 @@ use core::cell::Cell;
 use core::marker::PhantomData;
 
 struct Context {
-    /// Slot index of the beancounter charged now.
-    exec: Cell<u32>,
+    /// The charge key: the slot index of the beancounter charged now, with what this
+    /// thread's allocations are checked against (see [`key`]).
+    key: Cell<u32>,
     /// Slot index of the beancounter spawned threads start in.
     fork: Cell<u32>,
     /// Number of live guards, for detecting out-of-order drops.
     depth: Cell<u32>,
-    /// What this thread's allocations are checked against (see `fallible`, `forced`).
-    severity: Cell<Severity>,
+}
+
+/// Bits of a charge key that hold the exec slot index.
+const KEY_INDEX: u32 = (1 << 30) - 1;
+const _: () = assert!(super::registry::MAX_CAPACITY <= KEY_INDEX);
+
+/// The charge key of slot `index` checked with `severity`: the index in the low 30 bits,
+/// and above them 0 for `Limit`, 1 for `Barrier`, 2 for `Force`. Stock entries hold
+/// beancounter indices, all below 2^30, so the allocation fast path compares one key with
+/// an entry and a thread inside [`fallible`] or [`forced`] simply never matches: the
+/// severity costs the fast path nothing, and the slow path splits the key again.
+#[inline]
+pub(crate) const fn key(index: u32, severity: Severity) -> u32 {
+    let bits = match severity {
+        Severity::Limit => 0,
+        Severity::Barrier => 1,
+        Severity::Force => 2,
+    };
+    index | bits << 30
+}
+
+/// The slot index and severity of a charge key.
+#[inline]
+pub(crate) const fn split(key: u32) -> (u32, Severity) {
+    let severity = match key >> 30 {
+        0 => Severity::Limit,
+        1 => Severity::Barrier,
+        _ => Severity::Force,
+    };
+    (key & KEY_INDEX, severity)
+}
+
+impl Context {
+    fn exec(&self) -> u32 {
+        self.key.get() & KEY_INDEX
+    }
+
+    /// Makes `index` the exec beancounter; returns the one it replaces.
+    fn replace_exec(&self, index: u32) -> u32 {
+        let key = self.key.get();
+        self.key.set(index | (key & !KEY_INDEX));
+        key & KEY_INDEX
+    }
+
+    /// Checks allocations with `severity` from now on; returns what it replaces.
+    fn replace_severity(&self, severity: Severity) -> Severity {
+        let (index, prev) = split(self.key.get());
+        self.key.set(key(index, severity));
+        prev
+    }
 }
 
 thread_local! {
     static CONTEXT: Context = const {
         Context {
-            exec: Cell::new(ROOT),
+            key: Cell::new(key(ROOT, Severity::Limit)),
             fork: Cell::new(ROOT),
             depth: Cell::new(0),
-            severity: Cell::new(Severity::Limit),
         }
     };
     static EXIT: ExitHook = const { ExitHook };
@@ -52,7 +100,7 @@ impl Drop for ExitHook {
     fn drop(&mut self) {
         let reg = registry();
         let _ = CONTEXT.try_with(|c| {
-            reg.release(c.exec.replace(ROOT));
+            reg.release(c.replace_exec(ROOT));
             reg.release(c.fork.replace(ROOT));
         });
     }
@@ -68,7 +116,16 @@ fn arm_exit_hook() {
 /// Slot index of this thread's exec beancounter; the root during and after teardown.
 #[inline]
 pub(crate) fn exec_index() -> u32 {
-    CONTEXT.try_with(|c| c.exec.get()).unwrap_or(ROOT)
+    CONTEXT.try_with(|c| c.exec()).unwrap_or(ROOT)
+}
+
+/// This thread's charge key ([`key`]): exec beancounter and severity in one read; the root
+/// and `Limit` during and after teardown.
+#[inline]
+pub(crate) fn charge_key() -> u32 {
+    CONTEXT
+        .try_with(|c| c.key.get())
+        .unwrap_or(key(ROOT, Severity::Limit))
 }
 
 /// This thread's fork beancounter, with a reference.
@@ -148,7 +205,7 @@ impl Drop for ExecGuard {
                 // In order, or inner guards are still alive: restore what this guard saved,
                 // which leaves the context as it was before it (and the inner ones stale).
                 c.depth.set(self.depth - 1);
-                let exec = c.exec.replace(self.prev_exec);
+                let exec = c.replace_exec(self.prev_exec);
                 match self.prev_fork.map(|fork| c.fork.replace(fork)) {
                     // The usual case, exec and fork in one tenant: one atomic operation.
                     Some(fork) if fork == exec => reg.release_n(exec, 2),
@@ -181,7 +238,7 @@ fn switch(index: u32, with_fork: bool) -> ExecGuard {
     CONTEXT.with(|c| {
         // Exec and fork each own a reference: both taken in one atomic operation.
         reg.retain_n(index, 1 + with_fork as u64);
-        let prev_exec = c.exec.replace(index);
+        let prev_exec = c.replace_exec(index);
         let prev_fork = with_fork.then(|| c.fork.replace(index));
         let depth = c.depth.get() + 1;
         c.depth.set(depth);
@@ -254,7 +311,7 @@ impl Beancounter {
         CONTEXT.with(|c| {
             reg.retain(index);
             reg.retain(index);
-            reg.release(c.exec.replace(index));
+            reg.release(c.replace_exec(index));
             reg.release(c.fork.replace(index));
         });
     }
@@ -264,9 +321,7 @@ impl Beancounter {
 /// [`fallible`] (`Barrier`) or [`forced`] (`Force`).
 #[inline]
 pub(crate) fn severity() -> Severity {
-    CONTEXT
-        .try_with(|c| c.severity.get())
-        .unwrap_or(Severity::Limit)
+    split(charge_key()).1
 }
 
 /// Restores the severity a scope replaced, also when the scope unwinds.
@@ -274,13 +329,13 @@ struct SeverityScope(Severity);
 
 impl Drop for SeverityScope {
     fn drop(&mut self) {
-        let _ = CONTEXT.try_with(|c| c.severity.set(self.0));
+        let _ = CONTEXT.try_with(|c| c.replace_severity(self.0));
     }
 }
 
 fn with_severity<R>(severity: Severity, f: impl FnOnce() -> R) -> R {
     let prev = CONTEXT
-        .try_with(|c| c.severity.replace(severity))
+        .try_with(|c| c.replace_severity(severity))
         .unwrap_or(Severity::Limit);
     let _restore = SeverityScope(prev);
     f()

@@ -112,17 +112,50 @@ pub(crate) const NONE: u32 = u32::MAX;
 pub(crate) const MEMORY: usize = 0;
 pub(crate) const ALLOCATIONS: usize = 1;
 
+/// `bytes` of `Memory` and `objs` of `Allocations` in one word: objects in the high half,
+/// bytes in the low half, each kept below 2^31.
+const fn pack(bytes: u64, objs: u64) -> u64 {
+    objs << 32 | bytes
+}
+
+/// The `(bytes, objs)` of a packed word.
+const fn unpack(w: u64) -> (u64, u64) {
+    (w & 0xffff_ffff, w >> 32)
+}
+
+/// What one object takes from an entry and gives back to it: its bytes and one object.
+#[inline(always)]
+const fn unit(bytes: u64) -> u64 {
+    pack(bytes, 1)
+}
+
+/// Bit 31 and bit 63: the sign of each half of a packed word.
+const SIGNS: u64 = 1 << 63 | 1 << 31;
+
+/// What `back` is stored plus: each half biased so that its sign bit is set exactly when
+/// the half passes its trim point (`STOCK_BYTES`, `STOCK_OBJECTS`). A free adds its
+/// [`unit`] and tests [`SIGNS`]: one add, one test, for both bounds.
+const BACK_BIAS: u64 = pack((1 << 31) - 1 - STOCK_BYTES, (1 << 31) - 1 - STOCK_OBJECTS);
+
 /// What one thread holds of one beancounter: charged, not in use.
 ///
-/// `Memory` is held in two parts: `take`, which the fast path allocates from, and `back`,
-/// which frees give back to and the slow path moves into `take`. The fast path thus only
-/// ever lowers `take`, and what it allocated between two slow paths is exactly what `take`
-/// lost: the entry counts down to its next heap-profile sample point for free
-/// (`sampling.rs`), by holding `take` at most at `left` bytes before the point.
+/// It is held in two parts: `take`, which the fast path allocates from, and `back`, which
+/// frees give back to and the slow path moves into `take`. Each is a packed word of bytes
+/// and objects, so that the fast paths take or give one object with one subtraction or
+/// addition and one test ([`SIGNS`]):
+/// - `take` holds at most one batch, `pack(bytes, objs)`; an allocation subtracts its
+///   [`unit`], and either half going negative (a borrow out of the byte half takes the
+///   object half down too) refuses it.
+/// - `back` holds `pack(bytes, objs) + BACK_BIAS`; a free adds its unit, and either half
+///   passing its trim point asks for a trim.
+///
+/// The fast path thus only ever lowers `take`, and what it allocated between two slow
+/// paths is exactly what `take` lost: the entry counts down to its next heap-profile sample
+/// point for free (`sampling.rs`), by holding `take` at most at `left` bytes before the
+/// point.
 pub(crate) struct Entry {
-    /// Slot index of the beancounter, or `NONE` (then `take`, `back` and `objs` are 0).
+    /// Slot index of the beancounter, or `NONE` (then `take` and `back` hold nothing).
     bc: AtomicU32,
-    objs: AtomicU32,
     take: AtomicU64,
     back: AtomicU64,
     /// Bytes from the end of `take` to the next sample point ([`sampling::OFF`]: none).
@@ -134,9 +167,8 @@ impl Entry {
         fn new() -> Self {
             Entry {
                 bc: AtomicU32::new(NONE),
-                objs: AtomicU32::new(0),
                 take: AtomicU64::new(0),
-                back: AtomicU64::new(0),
+                back: AtomicU64::new(BACK_BIAS),
                 left: AtomicU64::new(sampling::OFF),
             }
         }
@@ -144,24 +176,35 @@ impl Entry {
 
     /// The beancounter and amounts (racy unless the owner is out of its fast path).
     pub(crate) fn peek(&self) -> (u32, u64, u64) {
-        (
-            self.bc.load(Relaxed),
-            self.mem(),
-            self.objs.load(Relaxed) as u64,
-        )
+        let (m, o) = self.held();
+        (self.bc.load(Relaxed), m, o)
     }
 
-    /// `Memory` held: `take` and `back`.
-    fn mem(&self) -> u64 {
-        self.take.load(Relaxed) + self.back.load(Relaxed)
+    /// What `take` holds, `(bytes, objs)`.
+    fn take(&self) -> (u64, u64) {
+        unpack(self.take.load(Relaxed))
     }
 
-    /// Holds `mem` bytes with the next sample point `until` bytes of allocation away: `take`
-    /// gets at most one batch, and never reaches the point. The owner, under its lock.
-    fn hold(&self, mem: u64, until: u64) {
+    /// What `back` holds, `(bytes, objs)`.
+    fn back(&self) -> (u64, u64) {
+        unpack(self.back.load(Relaxed) - BACK_BIAS)
+    }
+
+    /// What the entry holds, `(bytes, objs)`: `take` and `back`.
+    fn held(&self) -> (u64, u64) {
+        let ((tm, to), (bm, bo)) = (self.take(), self.back());
+        (tm + bm, to + bo)
+    }
+
+    /// Holds `mem` bytes and `objs` objects with the next sample point `until` bytes of
+    /// allocation away: `take` gets at most one batch, and never reaches the point. The
+    /// owner, under its lock.
+    fn hold(&self, mem: u64, objs: u64, until: u64) {
         let take = mem.min(STOCK_BYTES).min(until);
-        self.take.store(take, Relaxed);
-        self.back.store(mem - take, Relaxed);
+        let take_objs = objs.min(STOCK_OBJECTS);
+        self.take.store(pack(take, take_objs), Relaxed);
+        self.back
+            .store(pack(mem - take, objs - take_objs) + BACK_BIAS, Relaxed);
         self.left.store(until - take, Relaxed);
     }
 
@@ -173,10 +216,9 @@ impl Entry {
         if owner == NONE {
             return;
         }
-        let (m, o) = (self.mem(), self.objs.load(Relaxed));
+        let (m, o) = self.held();
         self.take.store(0, Relaxed);
-        self.back.store(0, Relaxed);
-        self.objs.store(0, Relaxed);
+        self.back.store(BACK_BIAS, Relaxed);
         self.bc.store(NONE, Relaxed);
         // An entry used up to exactly nothing holds no charge, so nothing keeps `owner`
         // alive: it may be freed (and its index reused) by now. Touch it only with a charge.
@@ -184,7 +226,7 @@ impl Entry {
             reg.uncharge(owner, MEMORY, m);
         }
         if o > 0 {
-            reg.uncharge(owner, ALLOCATIONS, o as u64);
+            reg.uncharge(owner, ALLOCATIONS, o);
         }
     }
 }
@@ -247,6 +289,17 @@ impl StockSlot {
         }
     }
 
+    /// A slot no thread owns and every fast path refuses (`steal` is set for good): what
+    /// a thread without a slot of its own uses, so that the fast paths need no test for
+    /// "no slot".
+    #[cfg(not(beancounter_loom))]
+    pub(crate) const fn closed() -> Self {
+        StockSlot {
+            steal: AtomicU32::new(1),
+            ..StockSlot::new(NONE)
+        }
+    }
+
     /// Slot `index` of the table, every entry empty.
     #[cfg(beancounter_loom)]
     pub(crate) fn new(index: u32) -> Self {
@@ -295,39 +348,55 @@ impl StockSlot {
     pub(crate) fn try_consume(&self, bc: u32, bytes: u64) -> bool {
         self.fast(|| {
             let e = self.entry(bc);
-            let (m, o) = (e.take.load(Relaxed), e.objs.load(Relaxed));
-            if e.bc.load(Relaxed) != bc || m < bytes || o == 0 {
+            let left = e.take.load(Relaxed).wrapping_sub(unit(bytes));
+            if e.bc.load(Relaxed) != bc || left & SIGNS != 0 {
                 return false;
             }
-            e.take.store(m - bytes, Relaxed);
-            e.objs.store(o - 1, Relaxed);
+            e.take.store(left, Relaxed);
             true
         })
         .unwrap_or(false)
     }
 
     /// Owner: puts back what a freed object of `bc` was charged, into the entry of `bc` if
-    /// it holds `bc` or nothing. Calls nothing: a call here would give the allocator's
-    /// free path a stack frame. A tag with [`sampling::SAMPLED`] never matches an entry.
+    /// it holds `bc`. Calls nothing: a call here would give the allocator's free path a
+    /// stack frame. A tag with [`sampling::SAMPLED`] never matches an entry.
     #[inline]
     pub(crate) fn try_give_back(&self, bc: u32, bytes: u64) -> GiveBack {
         self.fast(|| {
             let e = self.entry(bc);
-            let (m, o) = match e.bc.load(Relaxed) {
-                held if held == bc => (e.back.load(Relaxed) + bytes, e.objs.load(Relaxed) + 1),
-                NONE if bc < sampling::SAMPLED => (bytes, 1),
-                _ => return GiveBack::NotMine,
-            };
-            e.back.store(m, Relaxed);
-            e.objs.store(o, Relaxed);
-            e.bc.store(bc, Relaxed);
-            if m > STOCK_BYTES || o as u64 > 2 * STOCK_OBJECTS {
+            if e.bc.load(Relaxed) != bc {
+                return GiveBack::NotMine;
+            }
+            let back = e.back.load(Relaxed) + unit(bytes);
+            e.back.store(back, Relaxed);
+            if back & SIGNS != 0 {
                 GiveBack::Trim
             } else {
                 GiveBack::Done
             }
         })
         .unwrap_or(GiveBack::NotMine)
+    }
+
+    /// Owner, slow path of a free that [`try_give_back`](Self::try_give_back) refused: if
+    /// the entry of `bc` is empty, it takes `bc` and the object's charge, so that the frees
+    /// of a consumer thread's stream of another tenant's objects go back to its stock too.
+    /// True if taken.
+    pub(crate) fn adopt(&self, bc: u32, bytes: u64) -> bool {
+        if bc >= sampling::SAMPLED {
+            return false;
+        }
+        self.fast(|| {
+            let e = self.entry(bc);
+            if e.bc.load(Relaxed) != NONE {
+                return false;
+            }
+            e.back.store(unit(bytes) + BACK_BIAS, Relaxed);
+            e.bc.store(bc, Relaxed);
+            true
+        })
+        .unwrap_or(false)
     }
 
     pub(crate) fn lock(&self) {
@@ -370,18 +439,17 @@ impl StockSlot {
         let mine = e.bc.load(Relaxed) == bc;
         // Where the entry's next sample point is; a new stream starts afresh.
         let point = if mine {
-            e.take.load(Relaxed).saturating_add(e.left.load(Relaxed))
+            e.take().0.saturating_add(e.left.load(Relaxed))
         } else {
             self.draw()
         };
         let (sampled, until) = sampling::count(point, bytes, || self.draw());
-        let (mem, objs) = (e.mem(), e.objs.load(Relaxed));
+        let (mem, objs) = e.held();
         let served = mine && mem >= bytes && objs > 0;
         if served {
-            e.objs.store(objs - 1, Relaxed);
-            e.hold(mem - bytes, until);
+            e.hold(mem - bytes, objs - 1, until);
         } else if mine {
-            e.hold(mem, until);
+            e.hold(mem, objs, until);
         }
         self.unlock();
         TakeSlow {
@@ -405,7 +473,8 @@ impl StockSlot {
         self.epoch.store(sampling::epoch(), Relaxed);
         for e in &self.entries {
             if e.bc.load(Relaxed) != NONE {
-                e.hold(e.mem(), self.draw());
+                let (mem, objs) = e.held();
+                e.hold(mem, objs, self.draw());
             }
         }
     }
@@ -445,8 +514,8 @@ impl StockSlot {
                     e.give_back(reg);
                 }
                 // Owner under its own lock: no reclaimer is at work on this slot.
-                e.hold(e.mem() + mem, until);
-                e.objs.store(e.objs.load(Relaxed) + objs as u32, Relaxed);
+                let (held, held_objs) = e.held();
+                e.hold(held + mem, held_objs + objs, until);
                 e.bc.store(bc, Relaxed);
                 Ok(())
             }
@@ -459,19 +528,19 @@ impl StockSlot {
     }
 
     /// Owner, slow path: gives back what the entry of `bc` holds in `back` beyond half a
-    /// batch, and in objects beyond one batch.
+    /// batch, of bytes and of objects.
     pub(crate) fn trim(&self, reg: &Registry, bc: u32) {
         self.lock();
         let e = self.entry(bc);
-        let (back, o) = (e.back.load(Relaxed), e.objs.load(Relaxed) as u64);
+        let (back, o) = e.back();
         if e.bc.load(Relaxed) == bc {
-            if back > STOCK_BYTES / 2 {
-                e.back.store(STOCK_BYTES / 2, Relaxed);
-                reg.uncharge(bc, MEMORY, back - STOCK_BYTES / 2);
+            let (keep, keep_objs) = (back.min(STOCK_BYTES / 2), o.min(STOCK_OBJECTS / 2));
+            e.back.store(pack(keep, keep_objs) + BACK_BIAS, Relaxed);
+            if back > keep {
+                reg.uncharge(bc, MEMORY, back - keep);
             }
-            if o > STOCK_OBJECTS {
-                e.objs.store(STOCK_OBJECTS as u32, Relaxed);
-                reg.uncharge(bc, ALLOCATIONS, o - STOCK_OBJECTS);
+            if o > keep_objs {
+                reg.uncharge(bc, ALLOCATIONS, o - keep_objs);
             }
         }
         self.unlock();

@@ -39,29 +39,40 @@ static HWM: AtomicUsize = AtomicUsize::new(0);
 /// Serialises reclaimers (each locks many slots).
 static RECLAIM: Mutex<()> = Mutex::new(());
 
-/// Not claimed yet.
-const UNCLAIMED: *const StockSlot = ptr::null();
-/// No stock for this thread (table full, or the thread is exiting): charge directly.
-const DIRECT: *const StockSlot = ptr::dangling();
+/// The slot of a thread without one of its own (not claimed yet, the table full, no
+/// `membarrier`, or exiting): closed, so its charges go direct.
+static CLOSED: StockSlot = StockSlot::closed();
+
+/// `MINE` of a thread whose charges go direct.
+fn direct() -> *const StockSlot {
+    &CLOSED
+}
 
 thread_local! {
     /// The sample countdown of this thread's allocations outside its stock entries: bytes
     /// to the next point, random state, and the sampling epoch it was drawn in.
     static COUNTDOWN: (Cell<u64>, Cell<u64>, Cell<u32>) =
         const { (Cell::new(sampling::OFF), Cell::new(0), Cell::new(0)) };
-    static MINE: Cell<*const StockSlot> = const { Cell::new(UNCLAIMED) };
+    /// This thread's slot, or [`CLOSED`].
+    static MINE: Cell<*const StockSlot> = const { Cell::new(&raw const CLOSED) };
+    /// Whether this thread tried to claim a slot.
+    static CLAIMED: Cell<bool> = const { Cell::new(false) };
+}
+
+/// This thread's slot, or the closed one: what the fast paths use, with no test.
+#[inline(always)]
+fn mine_or_closed() -> &'static StockSlot {
+    let s = MINE.try_with(|m| m.get()).unwrap_or(direct());
+    // SAFETY: `CLOSED`, or a claimed slot, which is never unmapped, used by this thread as
+    // owner until it exits.
+    unsafe { &*s }
 }
 
 /// This thread's slot, if it has one.
 #[inline]
 fn mine() -> Option<&'static StockSlot> {
-    let s = MINE.try_with(|m| m.get()).unwrap_or(DIRECT);
-    if s == UNCLAIMED || s == DIRECT {
-        return None;
-    }
-    // SAFETY: a claimed slot, which is never unmapped, used by this thread as owner until
-    // it exits.
-    Some(unsafe { &*s })
+    let s = mine_or_closed();
+    (!ptr::eq(s, &CLOSED)).then_some(s)
 }
 
 fn all_slots() -> impl Iterator<Item = &'static StockSlot> + Clone {
@@ -77,7 +88,7 @@ fn claim() -> *const StockSlot {
     membarrier::register();
     if !membarrier::available() {
         // Reclaimers could not fence owners: no stocks, every charge goes direct.
-        return DIRECT;
+        return direct();
     }
     let mut t = TABLE.lock();
     let index = if t.free != NONE {
@@ -89,7 +100,7 @@ fn claim() -> *const StockSlot {
         i
     } else if t.hwm < SLOTS {
         let Some(at) = crate::os::map(core::mem::size_of::<StockSlot>()) else {
-            return DIRECT;
+            return direct();
         };
         let at = at.as_ptr().cast::<StockSlot>();
         // SAFETY: a fresh mapping of the slot's size, page-aligned; nobody reads it before
@@ -100,7 +111,7 @@ fn claim() -> *const StockSlot {
         HWM.store(t.hwm, Ordering::Release);
         t.hwm - 1
     } else {
-        return DIRECT;
+        return direct();
     };
     // SAFETY: `index < hwm`, a slot nobody owns; this thread takes it.
     let slot = unsafe { &*SLOT_PTRS[index].load(Ordering::Relaxed) };
@@ -108,12 +119,13 @@ fn claim() -> *const StockSlot {
     slot
 }
 
-/// Charges `bytes` of `Memory` and one of `Allocations` to slot `bc` for a new object,
-/// from this thread's stock, or returns false (then call [`charge_object_slow`]). Calls
-/// nothing, so that the allocator's fast path needs no stack frame.
+/// Charges `bytes` of `Memory` and one of `Allocations` for a new object to the beancounter
+/// of charge key `key` (`context::key`), from this thread's stock, or returns false (then
+/// call [`charge_object_slow`]). Only a `Limit` key can match a stock entry. Calls nothing,
+/// so that the allocator's fast path needs no stack frame.
 #[inline]
-pub(crate) fn try_charge_object(bc: u32, bytes: u64, severity: Severity) -> bool {
-    severity == Severity::Limit && mine().is_some_and(|s| s.try_consume(bc, bytes))
+pub(crate) fn try_charge_object(key: u32, bytes: u64) -> bool {
+    mine_or_closed().try_consume(key, bytes)
 }
 
 /// Charges a new object when [`try_charge_object`] could not: refills the stock, or
@@ -250,10 +262,7 @@ pub(crate) fn uncharge_object(bc: u32, bytes: u64) {
 /// Calls nothing.
 #[inline]
 pub(crate) fn try_uncharge_object(bc: u32, bytes: u64) -> GiveBack {
-    match mine() {
-        Some(s) => s.try_give_back(bc, bytes),
-        None => GiveBack::NotMine,
-    }
+    mine_or_closed().try_give_back(bc, bytes)
 }
 
 /// Finishes [`try_uncharge_object`]: trims the entry it overfilled, or uncharges directly
@@ -261,10 +270,15 @@ pub(crate) fn try_uncharge_object(bc: u32, bytes: u64) -> GiveBack {
 #[cold]
 #[inline(never)]
 pub(crate) fn uncharge_object_slow(outcome: GiveBack, bc: u32, bytes: u64) {
-    if outcome == GiveBack::NotMine && claim_mine() {
+    if outcome == GiveBack::NotMine {
         // A thread that frees before it ever allocates (a consumer) gets its stock now.
-        if let outcome @ (GiveBack::Done | GiveBack::Trim) = try_uncharge_object(bc, bytes) {
-            return uncharge_object_slow(outcome, bc, bytes);
+        if claim_mine() {
+            if let outcome @ (GiveBack::Done | GiveBack::Trim) = try_uncharge_object(bc, bytes) {
+                return uncharge_object_slow(outcome, bc, bytes);
+            }
+        }
+        if mine().is_some_and(|s| s.adopt(bc, bytes)) {
+            return;
         }
     }
     match (outcome, mine()) {
@@ -276,12 +290,12 @@ pub(crate) fn uncharge_object_slow(outcome: GiveBack, bc: u32, bytes: u64) {
 
 /// Claims a slot for this thread if it has not tried yet; true if it got one now.
 fn claim_mine() -> bool {
-    if MINE.try_with(|m| m.get()).unwrap_or(DIRECT) != UNCLAIMED {
+    if CLAIMED.try_with(|c| c.replace(true)).unwrap_or(true) {
         return false;
     }
     let s = claim();
     let _ = MINE.try_with(|m| m.set(s));
-    s != DIRECT
+    !ptr::eq(s, direct())
 }
 
 /// Drains this thread's stock.
@@ -295,7 +309,7 @@ pub(crate) fn drain_current() {
 /// direct.
 pub(crate) fn thread_exit() {
     let s = mine();
-    let _ = MINE.try_with(|m| m.set(DIRECT));
+    let _ = MINE.try_with(|m| m.set(direct()));
     let Some(slot) = s else { return };
     slot.drain(registry());
     let mut t = TABLE.lock();
@@ -338,7 +352,7 @@ pub(crate) fn lock_for_fork() {
 /// # Safety
 /// Only after `lock_for_fork`, in the parent (`child == false`) or the child.
 pub(crate) unsafe fn unlock_after_fork(child: bool) {
-    let me = MINE.try_with(|m| m.get()).unwrap_or(DIRECT);
+    let me = MINE.try_with(|m| m.get()).unwrap_or(direct());
     // SAFETY: `lock_for_fork` took the table lock; its guard was forgotten, and in the
     // child this is the only thread, so nothing else can touch the table.
     let t = unsafe { &mut *TABLE.data_ptr() };

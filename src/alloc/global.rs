@@ -146,34 +146,46 @@ unsafe impl GlobalAlloc for BeanAlloc {
     }
 }
 
-#[inline]
+/// Allocates for this thread's exec beancounter, checked with its severity: both come in
+/// one thread-local read, the charge key (`context::key`).
+#[inline(always)]
 fn allocate(layout: Layout, zero: bool) -> *mut u8 {
-    allocate_for(context::exec_index(), context::severity(), layout, zero)
+    allocate_key(context::charge_key(), layout, zero)
 }
 
 /// Allocates for beancounter slot `bc`, checking the charge with `severity`.
+#[cfg(feature = "allocator-api2")]
 #[inline]
 fn allocate_for(bc: u32, severity: Severity, layout: Layout, zero: bool) -> *mut u8 {
+    allocate_key(context::key(bc, severity), layout, zero)
+}
+
+/// Allocates for charge key `key`.
+#[inline(always)]
+fn allocate_key(key: u32, layout: Layout, zero: bool) -> *mut u8 {
     match size_class::class_for(layout.size(), layout.align()) {
-        Some(class) => alloc_small(bc, severity, class, zero),
-        None => alloc_big(bc, severity, layout.size(), layout.align(), zero),
+        Some(class) => alloc_small(key, class, zero),
+        None => {
+            let (bc, severity) = context::split(key);
+            alloc_big(bc, severity, layout.size(), layout.align(), zero)
+        }
     }
 }
 
 /// The fast path of a slab object: stock subtract, slab pop, tag check. Everything that
 /// can call out is a tail call to a cold function, so the fast path keeps nothing live
-/// across a call and needs no stack frame.
-#[inline]
-fn alloc_small(bc: u32, severity: Severity, class: usize, zero: bool) -> *mut u8 {
-    let bytes = CLASSES[class].size as u64;
-    if !stock::try_charge_object(bc, bytes, severity) {
-        return alloc_small_charge_slow(bc, severity, class, zero);
+/// across a call and needs no stack frame. The stock serves only a key of severity
+/// `Limit`, which is then the beancounter's index, the object's tag.
+#[inline(always)]
+fn alloc_small(key: u32, class: usize, zero: bool) -> *mut u8 {
+    if !stock::try_charge_object(key, size_class::size_of(class)) {
+        return alloc_small_charge_slow(key, class, zero);
     }
-    alloc_small_charged(bc, class, zero)
+    alloc_small_charged(key, class, zero)
 }
 
 /// A slab object whose charge is taken.
-#[inline]
+#[inline(always)]
 fn alloc_small_charged(bc: u32, class: usize, zero: bool) -> *mut u8 {
     match thread_cache::try_alloc(class) {
         Some((p, slab, zeroed)) => {
@@ -214,9 +226,10 @@ fn alloc_small_mix(slab: &Slab, p: *mut u8, bc: u32, class: usize, zero: bool) -
 /// with whom the charge went to: `bc`, or, for a retired beancounter, its heir).
 #[cold]
 #[inline(never)]
-fn alloc_small_charge_slow(bc: u32, severity: Severity, class: usize, zero: bool) -> *mut u8 {
+fn alloc_small_charge_slow(key: u32, class: usize, zero: bool) -> *mut u8 {
     arm_exit_hook();
-    match stock::charge_object_slow(bc, CLASSES[class].size as u64, severity) {
+    let (bc, severity) = context::split(key);
+    match stock::charge_object_slow(bc, size_class::size_of(class), severity) {
         Ok((charged, false)) => alloc_small_charged(charged, class, zero),
         Ok((charged, true)) => sample_small(alloc_small_charged(charged, class, zero), charged),
         Err(_) => ptr::null_mut(),
@@ -286,7 +299,7 @@ fn alloc_small_refill(bc: u32, class: usize, zero: bool) -> *mut u8 {
         Err(_) => None,
     };
     let Some((p, slab, zeroed)) = got else {
-        stock::uncharge_object(bc, CLASSES[class].size as u64);
+        stock::uncharge_object(bc, size_class::size_of(class));
         return ptr::null_mut();
     };
     slab.set_tag(p.as_ptr(), bc);
@@ -450,11 +463,12 @@ fn unreachable_slab() {
 /// As `GlobalAlloc::realloc`.
 unsafe fn reallocate(ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
     let align = layout.align();
-    let bc = context::exec_index();
+    let key = context::charge_key();
     if size_class::class_for(layout.size(), align).is_some() {
         // SAFETY: as for this function; the layout says it is a slab object.
-        return unsafe { realloc_small(page_map::slab_of(ptr), ptr, layout, new_size, bc) };
+        return unsafe { realloc_small(page_map::slab_of(ptr), ptr, layout, new_size, key) };
     }
+    let bc = context::split(key).0;
     match page_map::owner_of(ptr) {
         Owner::Large(r)
             if r.tag.get() == bc && new_size > size_class::SMALL_MAX && new_size <= LARGE_MAX =>
@@ -526,7 +540,7 @@ unsafe fn reallocate(ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
 /// Resizes slab object `ptr` of `slab`. It stays in place when the current exec
 /// beancounter owns it and the new size fits its class without leaving more than half of
 /// it unused (what it is charged does not change); otherwise it moves to a block charged to
-/// the current exec beancounter.
+/// the current exec beancounter. `key` is the thread's charge key.
 ///
 /// # Safety
 /// As `GlobalAlloc::realloc`, with `ptr` an object of `slab`.
@@ -536,9 +550,10 @@ unsafe fn realloc_small(
     ptr: *mut u8,
     layout: Layout,
     new_size: usize,
-    bc: u32,
+    key: u32,
 ) -> *mut u8 {
     let new_class = size_class::class_for(new_size, layout.align());
+    let (bc, severity) = context::split(key);
     if let Some(c) = new_class {
         let fits = c == slab.class() || (c < slab.class() && 2 * new_size >= slab.size());
         if fits && slab.tag(ptr) == bc {
@@ -546,9 +561,9 @@ unsafe fn realloc_small(
         }
     }
     let new = match new_class {
-        Some(c) => alloc_small(bc, context::severity(), c, false),
+        Some(c) => alloc_small(key, c, false),
         None if Layout::from_size_align(new_size, layout.align()).is_ok() => {
-            alloc_big(bc, context::severity(), new_size, layout.align(), false)
+            alloc_big(bc, severity, new_size, layout.align(), false)
         }
         None => return ptr::null_mut(),
     };

@@ -111,8 +111,21 @@ const fn build() -> [Class; NUM_CLASSES] {
 /// The class table.
 pub(crate) static CLASSES: [Class; NUM_CLASSES] = build();
 
-/// Class for sizes up to 1 KiB, indexed by `(size + 7) / 8`.
-static SMALL_LOOKUP: [u8; 129] = {
+/// Object size per class, as charged. A `const`, like [`SMALL_LOOKUP`]: the allocation
+/// fast path is inlined into the user's crate, where a `const` table is addressed directly
+/// and a `static` of this crate through the GOT (one load more per allocation).
+const SIZES: [u32; NUM_CLASSES] = {
+    let mut t = [0u32; NUM_CLASSES];
+    let mut c = 0;
+    while c < NUM_CLASSES {
+        t[c] = class_size(c) as u32;
+        c += 1;
+    }
+    t
+};
+
+/// Class for sizes up to 1 KiB, indexed by `(size + 7) / 8` (0 for size 0 too).
+const SMALL_LOOKUP: [u8; 129] = {
     let mut t = [0u8; 129];
     let mut i = 0;
     let mut c = 0;
@@ -126,18 +139,32 @@ static SMALL_LOOKUP: [u8; 129] = {
     t
 };
 
-/// The smallest class whose objects hold `size` bytes, for `1 <= size <= SMALL_MAX`.
-#[inline]
+/// The smallest class whose objects hold `size` bytes, for `size <= SMALL_MAX` (size 0 is
+/// served by the first class).
+#[inline(always)]
 pub(crate) fn class_of(size: usize) -> usize {
     debug_assert!(size <= SMALL_MAX);
-    if size <= 1024 {
-        return SMALL_LOOKUP[(size + 7) >> 3] as usize;
-    }
-    // size in (128 << k, 256 << k]: k = floor(log2(size - 1)) - 7.
-    let k = (usize::BITS - 1 - (size - 1).leading_zeros()) as usize - 7;
-    let step_shift = k + 5; // step = 32 << k
-    let quarter = ((size - 1) - (128 << k)) >> step_shift; // 0..=3
-    FIRST_QUARTER_CLASS + 4 * k + quarter
+    let class = if size <= 1024 {
+        SMALL_LOOKUP[(size + 7) >> 3] as usize
+    } else {
+        // size in (128 << k, 256 << k]: k = floor(log2(size - 1)) - 7.
+        let k = (usize::BITS - 1 - (size - 1).leading_zeros()) as usize - 7;
+        let step_shift = k + 5; // step = 32 << k
+        let quarter = ((size - 1) - (128 << k)) >> step_shift; // 0..=3
+        FIRST_QUARTER_CLASS + 4 * k + quarter
+    };
+    // SAFETY: the lookup table holds classes below NUM_CLASSES (checked by the tests), and
+    // for 1024 < size <= SMALL_MAX, k <= 7 and quarter <= 3 give at most 12 + 28 + 3 = 43.
+    // Said to the compiler, so that indexing per-class tables with it needs no bounds check
+    // on the allocation fast path.
+    unsafe { core::hint::assert_unchecked(class < NUM_CLASSES) };
+    class
+}
+
+/// Bytes an object of `class` occupies (what it is charged).
+#[inline(always)]
+pub(crate) fn size_of(class: usize) -> u64 {
+    SIZES[class] as u64
 }
 
 /// The class for a request of `size` bytes aligned to `align`, if a slab can serve it:
@@ -147,7 +174,7 @@ pub(crate) fn class_of(size: usize) -> usize {
 #[inline]
 pub(crate) fn class_for(size: usize, align: usize) -> Option<usize> {
     if align <= 8 {
-        return (size <= SMALL_MAX).then(|| class_of(size.max(1)));
+        return (size <= SMALL_MAX).then(|| class_of(size));
     }
     if align > PAGE {
         return None;
@@ -177,9 +204,11 @@ mod tests {
 
     #[test]
     fn every_size_gets_the_smallest_class_that_fits_within_the_bound() {
+        assert_eq!(class_of(0), 0, "size 0 takes the first class");
         for size in 1..=SMALL_MAX {
             let c = class_of(size);
             let cs = CLASSES[c].size as usize;
+            assert_eq!(size_of(c), cs as u64);
             assert!(cs >= size, "size {size} class {cs}");
             assert!(
                 c == 0 || (CLASSES[c - 1].size as usize) < size,
