@@ -317,13 +317,6 @@ impl Beancounter {
     }
 }
 
-/// What this thread's allocations are checked against now: `Limit` unless inside
-/// [`fallible`] (`Barrier`) or [`forced`] (`Force`).
-#[inline]
-pub(crate) fn severity() -> Severity {
-    split(charge_key()).1
-}
-
 /// Restores the severity a scope replaced, also when the scope unwinds.
 struct SeverityScope(Severity);
 

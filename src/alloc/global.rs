@@ -7,8 +7,9 @@
 //!
 //! ```text
 //! alloc(layout)                          size ≤ 32 KiB and align ≤ 4 KiB: a slab object
-//! ├─ context::exec_index()               TLS read: the exec beancounter's slot index
-//! ├─ stock::try_charge_object(bc, class size) → no entry for bc yet: charge_object_slow
+//! ├─ context::charge_key()               TLS read: the exec beancounter's slot index, with
+//! │                                      the severity in its top bits (0 for `Limit`)
+//! ├─ stock::try_charge_object(key, class size) → no entry for bc yet: charge_object_slow
 //! │  └─ claim a stock slot (first time), charge size + one batch to bc and its ancestors
 //! │     into the slot's entry for bc
 //! ├─ thread_cache::alloc(class)          TLS heap is the static empty heap: its bin's
@@ -21,17 +22,18 @@
 //! └─ slab.set_tag(p, bc)                 the owner tag: the slab's sole tag, or in its
 //!                                        side array once the slab is mixed
 //! ```
-//! Every later allocation of that class on that thread: TLS exec, stock subtract, slab pop,
-//! tag check — no lock, no atomic read-modify-write.
+//! Every later allocation of that class on that thread: TLS key, stock subtract, slab pop,
+//! tag check — no lock, no atomic read-modify-write. Inside `fallible` or `forced` the key
+//! matches no stock entry, and the slow path charges with the key's severity.
 //!
 //! # A remote free
 //!
 //! ```text
 //! dealloc(p, layout)                     on another thread
-//! ├─ page_map: mask p to its segment → page → run → slab at the run's end
+//! ├─ page_map: mask p to its segment → page → the slab (`slab_at[page]`)
 //! ├─ tag = slab.tag(p)                   whoever was charged, whatever thread allocated
 //! ├─ stock::try_uncharge_object(tag, size) into this thread's entry for `tag` (if it is
-//! │                                      `tag`'s or empty),
+//! │                                      `tag`'s; an empty one is taken on the slow path),
 //! │                                      else straight to the beancounter
 //! └─ thread_cache::free(slab, p)         slab.owner ≠ this heap → into this thread's
 //!                                        outbox for the owning heap; every 64 objects
@@ -403,7 +405,7 @@ unsafe fn deallocate(ptr: *mut u8, layout: Layout) {
 ///
 /// # Safety
 /// `ptr` is a live object of `slab`, given up by the caller.
-#[inline]
+#[inline(always)]
 unsafe fn free_small(slab: &'static Slab, ptr: *mut u8) {
     let (bc, bytes) = (slab.tag(ptr), slab.size() as u64);
     let outcome = stock::try_uncharge_object(bc, bytes);
@@ -462,13 +464,25 @@ fn unreachable_slab() {
 /// # Safety
 /// As `GlobalAlloc::realloc`.
 unsafe fn reallocate(ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
-    let align = layout.align();
     let key = context::charge_key();
-    if size_class::class_for(layout.size(), align).is_some() {
+    if size_class::class_for(layout.size(), layout.align()).is_some() {
         // SAFETY: as for this function; the layout says it is a slab object.
         return unsafe { realloc_small(page_map::slab_of(ptr), ptr, layout, new_size, key) };
     }
-    let bc = context::split(key).0;
+    // SAFETY: as for this function; the layout says it is a block of pages.
+    unsafe { realloc_big(ptr, layout, new_size, key) }
+}
+
+/// Resizes block of pages `ptr`: in place when the current exec beancounter (of charge key
+/// `key`) owns it and the run or mapping can change size, else by moving it. Out of line,
+/// so that the slab objects' `realloc` (most of them) keeps a small frame.
+///
+/// # Safety
+/// As `GlobalAlloc::realloc`, with `ptr` a block of pages.
+#[inline(never)]
+unsafe fn realloc_big(ptr: *mut u8, layout: Layout, new_size: usize, key: u32) -> *mut u8 {
+    let align = layout.align();
+    let (bc, severity) = context::split(key);
     match page_map::owner_of(ptr) {
         Owner::Large(r)
             if r.tag.get() == bc && new_size > size_class::SMALL_MAX && new_size <= LARGE_MAX =>
@@ -489,7 +503,7 @@ unsafe fn reallocate(ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
                     Resource::Memory,
                     0,
                     (want - have) as u64,
-                    context::severity(),
+                    severity,
                     false,
                 )
                 .is_ok()
@@ -507,7 +521,7 @@ unsafe fn reallocate(ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
             let grow = want.saturating_sub(have) as u64;
             if grow == 0
                 || reg
-                    .charge_counted(bc, Resource::Memory, 0, grow, context::severity(), false)
+                    .charge_counted(bc, Resource::Memory, 0, grow, severity, false)
                     .is_ok()
             {
                 if let Some(moved) = run::resize_huge(head, new_size) {
