@@ -99,7 +99,7 @@ pub const STOCK_BYTES: u64 = 128 << 10;
 pub const STOCK_OBJECTS: u64 = 256;
 
 /// Entries per thread: 1 024, so a thread can serve that many tenants in turn (tenants
-/// numbered densely, as slot indices are) without a shared atomic when it switches. 16 KiB
+/// numbered densely, as slot indices are) without a shared atomic when it switches. 32 KiB
 /// per thread, mapped with its slot. Two under loom, so that models see entries collide.
 #[cfg(not(beancounter_loom))]
 pub(crate) const ENTRIES: usize = 1024;
@@ -153,23 +153,30 @@ const BACK_BIAS: u64 = pack((1 << 31) - 1 - STOCK_BYTES, (1 << 31) - 1 - STOCK_O
 /// paths is exactly what `take` lost: the entry counts down to its next heap-profile sample
 /// point for free (`sampling.rs`), by holding `take` at most at `left` bytes before the
 /// point.
+///
+/// 32 bytes, aligned to 32: an entry never straddles two cache lines, so the fast paths
+/// touch one line of it.
+#[repr(C, align(32))]
 pub(crate) struct Entry {
-    /// Slot index of the beancounter, or `NONE` (then `take` and `back` hold nothing).
-    bc: AtomicU32,
     take: AtomicU64,
     back: AtomicU64,
     /// Bytes from the end of `take` to the next sample point ([`sampling::OFF`]: none).
     left: AtomicU64,
+    /// Slot index of the beancounter, or `NONE` (then `take` and `back` hold nothing).
+    bc: AtomicU32,
 }
+
+#[cfg(not(beancounter_loom))]
+const _: () = assert!(core::mem::size_of::<Entry>() == 32);
 
 impl Entry {
     const_fn! {
         fn new() -> Self {
             Entry {
-                bc: AtomicU32::new(NONE),
                 take: AtomicU64::new(0),
                 back: AtomicU64::new(BACK_BIAS),
                 left: AtomicU64::new(sampling::OFF),
+                bc: AtomicU32::new(NONE),
             }
         }
     }
