@@ -232,23 +232,35 @@ impl core::fmt::Debug for ExecGuard {
     }
 }
 
+/// This thread's context. A `const`-initialised thread-local without a destructor is
+/// plain TLS memory, there for as long as the thread, so the reference may outlive the
+/// closure; taking it with a closure this small lets the compiler inline the access, where
+/// a larger one made every switch an indirect call.
+#[inline]
+fn context() -> &'static Context {
+    let c = CONTEXT.with(|c| c as *const Context);
+    // SAFETY: see above: the storage lives as long as this thread, and the reference does
+    // not leave it (`Context` is not `Sync`, and nothing here hands it to another thread).
+    unsafe { &*c }
+}
+
+#[inline]
 fn switch(index: u32, with_fork: bool) -> ExecGuard {
     let reg = registry();
     arm_exit_hook();
-    CONTEXT.with(|c| {
-        // Exec and fork each own a reference: both taken in one atomic operation.
-        reg.retain_n(index, 1 + with_fork as u64);
-        let prev_exec = c.replace_exec(index);
-        let prev_fork = with_fork.then(|| c.fork.replace(index));
-        let depth = c.depth.get() + 1;
-        c.depth.set(depth);
-        ExecGuard {
-            prev_exec,
-            prev_fork,
-            depth,
-            _not_send: PhantomData,
-        }
-    })
+    let c = context();
+    // Exec and fork each own a reference: both taken in one atomic operation.
+    reg.retain_n(index, 1 + with_fork as u64);
+    let prev_exec = c.replace_exec(index);
+    let prev_fork = with_fork.then(|| c.fork.replace(index));
+    let depth = c.depth.get() + 1;
+    c.depth.set(depth);
+    ExecGuard {
+        prev_exec,
+        prev_fork,
+        depth,
+        _not_send: PhantomData,
+    }
 }
 
 impl Beancounter {
