@@ -6,9 +6,13 @@
 //! the *context* is the thread's pair of references to beancounters.
 //!
 //! Ownership: `exec`, `fork`, and every live guard's saved values each own one reference
-//! on their beancounter (the root needs none). A guard swaps references in and out, so the
-//! count stays right whatever order guards are dropped in; an out-of-order drop is still a
-//! bug and panics.
+//! on their beancounter (the root needs none), unless they are *lent*: the futures'
+//! adapters enter their tenant around every poll with [`Beancounter::enter_lent`], which
+//! takes no reference (their own handle outlives the guard), so a switch per poll costs no
+//! atomic operation. A lent value is marked as such in the context and in the guard that
+//! saves it, and is never released. A guard swaps references in and out, so the count stays
+//! right whatever order guards are dropped in; an out-of-order drop is still a bug and
+//! panics.
 //!
 //! The context is a `const`-initialised thread-local of `Cell`s with no destructor, so the
 //! allocator can read `exec` on every allocation, at any point of thread teardown, without
@@ -16,8 +20,8 @@
 //! thread first holds a tenant.
 
 use super::reference::Beancounter;
-use super::registry::registry;
 use super::registry::ROOT;
+use super::registry::{registry, Registry};
 use super::types::{BcId, Severity};
 use core::cell::Cell;
 use core::marker::PhantomData;
@@ -30,7 +34,14 @@ struct Context {
     fork: Cell<u32>,
     /// Number of live guards, for detecting out-of-order drops.
     depth: Cell<u32>,
+    /// Which of exec ([`EXEC`]) and fork ([`FORK`]) are *lent*: set by a guard of
+    /// [`Beancounter::enter_lent`], whose caller's handle holds the reference for them.
+    lent: Cell<u8>,
 }
+
+/// `Context::lent` bits.
+const EXEC: u8 = 1;
+const FORK: u8 = 2;
 
 /// Bits of a charge key that hold the exec slot index.
 const KEY_INDEX: u32 = (1 << 30) - 1;
@@ -88,6 +99,7 @@ thread_local! {
             key: Cell::new(key(ROOT, Severity::Limit)),
             fork: Cell::new(ROOT),
             depth: Cell::new(0),
+            lent: Cell::new(0),
         }
     };
     static EXIT: ExitHook = const { ExitHook };
@@ -100,8 +112,9 @@ impl Drop for ExitHook {
     fn drop(&mut self) {
         let reg = registry();
         let _ = CONTEXT.try_with(|c| {
-            reg.release(c.replace_exec(ROOT));
-            reg.release(c.fork.replace(ROOT));
+            let lent = c.lent.replace(0);
+            release_owned(reg, c.replace_exec(ROOT), lent & EXEC == 0);
+            release_owned(reg, c.fork.replace(ROOT), lent & FORK == 0);
         });
     }
 }
@@ -111,6 +124,14 @@ impl Drop for ExitHook {
 /// from a later thread-local destructor keeps one reference until the process ends.
 fn arm_exit_hook() {
     let _ = EXIT.try_with(|_| {});
+}
+
+/// Releases the reference `index` holds in the context or a guard, unless it was lent.
+#[inline]
+fn release_owned(reg: &Registry, index: u32, owned: bool) {
+    if owned {
+        reg.release(index);
+    }
 }
 
 /// Slot index of this thread's exec beancounter; the root during and after teardown.
@@ -183,6 +204,8 @@ pub struct ExecGuard {
     prev_exec: u32,
     /// `None` for an exec-only guard.
     prev_fork: Option<u32>,
+    /// Which of the saved values were lent (`Context::lent` bits).
+    prev_lent: u8,
     depth: u32,
     _not_send: PhantomData<*const ()>,
 }
@@ -196,24 +219,35 @@ impl Drop for ExecGuard {
                 if self.depth > depth {
                     // An outer guard was dropped first and already restored the context
                     // from before this one: only give back the references saved here.
-                    reg.release(self.prev_exec);
+                    release_owned(reg, self.prev_exec, self.prev_lent & EXEC == 0);
                     if let Some(fork) = self.prev_fork {
-                        reg.release(fork);
+                        release_owned(reg, fork, self.prev_lent & FORK == 0);
                     }
                     return false;
                 }
                 // In order, or inner guards are still alive: restore what this guard saved,
                 // which leaves the context as it was before it (and the inner ones stale).
                 c.depth.set(self.depth - 1);
+                let lent = c.lent.get();
                 let exec = c.replace_exec(self.prev_exec);
+                let owned = (lent & EXEC == 0, lent & FORK == 0);
                 match self.prev_fork.map(|fork| c.fork.replace(fork)) {
-                    // The usual case, exec and fork in one tenant: one atomic operation.
-                    Some(fork) if fork == exec => reg.release_n(exec, 2),
                     Some(fork) => {
-                        reg.release(exec);
-                        reg.release(fork);
+                        c.lent.set(self.prev_lent);
+                        match owned {
+                            // The usual case, exec and fork in one tenant: one atomic
+                            // operation (none if lent).
+                            (true, true) if fork == exec => reg.release_n(exec, 2),
+                            (exec_owned, fork_owned) => {
+                                release_owned(reg, exec, exec_owned);
+                                release_owned(reg, fork, fork_owned);
+                            }
+                        }
                     }
-                    None => reg.release(exec),
+                    None => {
+                        c.lent.set(self.prev_lent & EXEC | lent & FORK);
+                        release_owned(reg, exec, owned.0);
+                    }
                 }
                 self.depth == depth
             })
@@ -244,20 +278,31 @@ fn context() -> &'static Context {
     unsafe { &*c }
 }
 
+/// Enters slot `index` as exec (and fork, if `with_fork`). Unless `lent`, exec and fork
+/// each take a reference, both in one atomic operation; a lent switch takes none.
 #[inline]
-fn switch(index: u32, with_fork: bool) -> ExecGuard {
+fn switch(index: u32, with_fork: bool, lent: bool) -> ExecGuard {
     let reg = registry();
     arm_exit_hook();
     let c = context();
-    // Exec and fork each own a reference: both taken in one atomic operation.
-    reg.retain_n(index, 1 + with_fork as u64);
+    if !lent {
+        reg.retain_n(index, 1 + with_fork as u64);
+    }
     let prev_exec = c.replace_exec(index);
     let prev_fork = with_fork.then(|| c.fork.replace(index));
+    let prev_lent = c.lent.get();
+    let now = if with_fork { EXEC | FORK } else { EXEC };
+    c.lent.set(if lent {
+        prev_lent | now
+    } else {
+        prev_lent & !now
+    });
     let depth = c.depth.get() + 1;
     c.depth.set(depth);
     ExecGuard {
         prev_exec,
         prev_fork,
+        prev_lent,
         depth,
         _not_send: PhantomData,
     }
@@ -279,7 +324,15 @@ impl Beancounter {
     /// assert_eq!(beancounter::current_id(), BcId::ROOT);
     /// ```
     pub fn enter(&self) -> ExecGuard {
-        switch(self.index(), true)
+        switch(self.index(), true, false)
+    }
+
+    /// [`enter`](Self::enter) for a caller whose handle outlives the guard (the futures'
+    /// adapters, around one poll): the context borrows the handle's reference instead of
+    /// taking two of its own, so entering and leaving touch no shared counter.
+    #[inline]
+    pub(crate) fn enter_lent(&self) -> ExecGuard {
+        switch(self.index(), true, true)
     }
 
     /// Makes this the exec beancounter only: work is charged here, but threads spawned
@@ -296,7 +349,7 @@ impl Beancounter {
     /// assert_eq!(child.join().unwrap(), BcId::ROOT);
     /// ```
     pub fn enter_exec(&self) -> ExecGuard {
-        switch(self.index(), false)
+        switch(self.index(), false, false)
     }
 
     /// Makes this the exec and fork beancounter of the current thread for good (until the
@@ -321,10 +374,10 @@ impl Beancounter {
         let index = self.index();
         arm_exit_hook();
         CONTEXT.with(|c| {
-            reg.retain(index);
-            reg.retain(index);
-            reg.release(c.replace_exec(index));
-            reg.release(c.fork.replace(index));
+            reg.retain_n(index, 2);
+            let lent = c.lent.replace(0);
+            release_owned(reg, c.replace_exec(index), lent & EXEC == 0);
+            release_owned(reg, c.fork.replace(index), lent & FORK == 0);
         });
     }
 }
@@ -395,4 +448,67 @@ pub fn fallible<R>(f: impl FnOnce() -> R) -> R {
 /// ```
 pub fn forced<R>(f: impl FnOnce() -> R) -> R {
     with_severity(Severity::Force, f)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tenant(id: u32) -> Beancounter {
+        crate::find_or_create(BcId(id)).expect("a tenant")
+    }
+
+    #[test]
+    fn a_lent_guard_takes_no_reference_and_nothing_inside_releases_one() {
+        let reg = registry();
+        let (t, u) = (tenant(9101), tenant(9102));
+        let (t0, u0) = (reg.refs_of(t.index()), reg.refs_of(u.index()));
+        {
+            let _g = t.enter_lent();
+            assert_eq!((exec_index(), context().fork.get()), (t.index(), t.index()));
+            assert_eq!(
+                reg.refs_of(t.index()),
+                t0,
+                "entering lent takes no reference"
+            );
+            {
+                let _h = u.enter();
+                assert_eq!(reg.refs_of(u.index()), u0 + 2);
+            }
+            assert_eq!(reg.refs_of(u.index()), u0);
+            {
+                let _e = u.enter_exec();
+                assert_eq!((exec_index(), context().fork.get()), (u.index(), t.index()));
+            }
+            assert_eq!(exec_index(), t.index());
+            // Adopting inside replaces the lent values without releasing them.
+            u.adopt();
+            assert_eq!(reg.refs_of(t.index()), t0);
+            assert_eq!(reg.refs_of(u.index()), u0 + 2);
+        }
+        // The guard restored what it saved and released what `adopt` took.
+        assert_eq!((exec_index(), context().fork.get()), (ROOT, ROOT));
+        assert_eq!((reg.refs_of(t.index()), reg.refs_of(u.index())), (t0, u0));
+    }
+
+    #[test]
+    fn lent_values_survive_an_out_of_order_drop() {
+        let reg = registry();
+        let (t, u) = (tenant(9103), tenant(9104));
+        let (t0, u0) = (reg.refs_of(t.index()), reg.refs_of(u.index()));
+        let drop_reported = |g: ExecGuard| {
+            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| drop(g))).is_err()
+        };
+        let outer = u.enter();
+        let inner = t.enter_lent();
+        // The outer guard first (reported): it restores the root, releases the `u` it set,
+        // and must not release the lent `t`.
+        assert!(drop_reported(outer), "an out-of-order drop panics");
+        assert_eq!(exec_index(), ROOT);
+        assert_eq!(reg.refs_of(t.index()), t0);
+        // The stale inner guard gives back what it saved (the outer guard's `u`).
+        assert!(drop_reported(inner));
+        assert_eq!((exec_index(), context().fork.get()), (ROOT, ROOT));
+        assert_eq!((reg.refs_of(t.index()), reg.refs_of(u.index())), (t0, u0));
+    }
 }

@@ -88,7 +88,7 @@ impl<F: Future> Future for InBeancounter<F> {
         // dropped in place, in `Drop`), and `InBeancounter` does not implement `Unpin`
         // unless `F` does.
         let this = unsafe { self.get_unchecked_mut() };
-        let _g = this.bc.enter();
+        let _g = this.bc.enter_lent();
         // SAFETY: as above, `inner` stays where it is for as long as `self` is pinned.
         unsafe { Pin::new_unchecked(&mut *this.inner) }.poll(cx)
     }
@@ -96,7 +96,7 @@ impl<F: Future> Future for InBeancounter<F> {
 
 impl<F> Drop for InBeancounter<F> {
     fn drop(&mut self) {
-        let _g = self.bc.enter();
+        let _g = self.bc.enter_lent();
         // SAFETY: dropped exactly once, here; `inner` is not used afterwards.
         unsafe { ManuallyDrop::drop(&mut self.inner) };
     }
@@ -136,7 +136,7 @@ impl<F: Future> Future for Guarded<F> {
         // dropped in place.
         let this = unsafe { self.get_unchecked_mut() };
         assert!(!this.done, "Guarded polled after completion");
-        let _g = this.bc.enter();
+        let _g = this.bc.enter_lent();
         if let Err(e) = over_barrier(this.bc.index()) {
             this.done = true;
             // SAFETY: dropped once, in place; `done` keeps it from being used again.
@@ -159,7 +159,7 @@ impl<F: Future> Future for Guarded<F> {
 impl<F> Drop for Guarded<F> {
     fn drop(&mut self) {
         if !self.done {
-            let _g = self.bc.enter();
+            let _g = self.bc.enter_lent();
             // SAFETY: not dropped yet (`done` is false); dropped once, here.
             unsafe { ManuallyDrop::drop(&mut self.inner) };
         }

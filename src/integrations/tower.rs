@@ -257,7 +257,7 @@ where
             },
             Some(tenant) => {
                 let fut = {
-                    let _in = tenant.enter();
+                    let _in = tenant.enter_lent();
                     self.inner.call(req)
                 };
                 TenantState::Inside {
@@ -294,7 +294,7 @@ where
                 },
                 Ok(()) => {
                     let fut = {
-                        let _in = tenant.enter();
+                        let _in = tenant.enter_lent();
                         self.inner.call(req)
                     };
                     GuardedState::Guarded {

@@ -105,6 +105,12 @@ impl Registry {
         }
     }
 
+    /// References held on `index` now (for tests).
+    #[cfg(test)]
+    pub(crate) fn refs_of(&self, index: u32) -> u64 {
+        refs(self.record(index).state.load(Ordering::SeqCst))
+    }
+
     /// Drops one reference; the last one frees the record unless something is still
     /// charged.
     #[inline]
