@@ -503,23 +503,11 @@ impl State {
         None
     }
 
-    fn new_segment(&mut self) -> Option<&'static Run> {
-        let base = os::map_aligned(SEGMENT, SEGMENT)?.as_ptr();
-        // SAFETY: the segment's whole mapping, just made.
-        unsafe { os::advise_huge(base, SEGMENT) };
+    /// Takes in a segment made by [`map_segment`]: its one free run, unlinked, for the
+    /// caller to carve.
+    fn add_segment(&mut self, run: &'static Run) -> &'static Run {
         self.mapped_bytes += SEGMENT;
-        // SAFETY: a fresh, zeroed, SEGMENT-aligned mapping of SEGMENT bytes; zero bytes are a
-        // valid `Segment` (false, 0, Cells of 0 and null, Kind::Free = 0), so the header can be
-        // used in place; this thread is its only user.
-        let seg: &'static Segment = unsafe { &*(base as *const Segment) };
-        let header = &seg.runs[0];
-        header.kind.set(Kind::Header);
-        header.pages.set(HEADER_PAGES as u32);
-        let run = &seg.runs[HEADER_PAGES];
-        run.pages.set(USABLE_PAGES as u32);
-        run.zeroed.set(true);
-        seg.back[PAGES - 1].set((USABLE_PAGES - 1) as u16);
-        Some(run)
+        run
     }
 
     /// Marks `pages` pages at the start of free `run` as `kind` and returns the rest to
@@ -628,6 +616,29 @@ pub(crate) fn dirty_bound(peak: usize) -> usize {
     DIRTY_FLOOR.max(peak / 2)
 }
 
+/// Maps a new segment and writes its header; returns its one free run (all its usable
+/// pages), in no list yet. Done without the run lock: the mapping's system calls, and the
+/// first write to the header, which faults in its pages (one huge page, where the kernel
+/// backs the segment with one, so 2 MiB zeroed), took hundreds of microseconds during which
+/// every other thread that needed a run waited on the lock.
+fn map_segment() -> Option<&'static Run> {
+    let base = os::map_aligned(SEGMENT, SEGMENT)?.as_ptr();
+    // SAFETY: the segment's whole mapping, just made.
+    unsafe { os::advise_huge(base, SEGMENT) };
+    // SAFETY: a fresh, zeroed, SEGMENT-aligned mapping of SEGMENT bytes; zero bytes are a
+    // valid `Segment` (false, 0, Cells of 0 and null, Kind::Free = 0), so the header can be
+    // used in place; this thread is its only user until `add_segment`.
+    let seg: &'static Segment = unsafe { &*(base as *const Segment) };
+    let header = &seg.runs[0];
+    header.kind.set(Kind::Header);
+    header.pages.set(HEADER_PAGES as u32);
+    let run = &seg.runs[HEADER_PAGES];
+    run.pages.set(USABLE_PAGES as u32);
+    run.zeroed.set(true);
+    seg.back[PAGES - 1].set((USABLE_PAGES - 1) as u16);
+    Some(run)
+}
+
 /// A run of `pages` pages for a slab or a large block, aligned to `align` bytes
 /// (`PAGE <= align <= MAX_ALIGN`). Returns the run and whether its pages read as zero.
 pub(crate) fn alloc_run(pages: usize, align: usize, kind: Kind) -> Option<(&'static Run, bool)> {
@@ -639,7 +650,12 @@ pub(crate) fn alloc_run(pages: usize, align: usize, kind: Kind) -> Option<(&'sta
     let mut st = RUNS.lock();
     let run = match st.take_fit(pages + slack) {
         Some(run) => run,
-        None => st.new_segment()?,
+        None => {
+            drop(st);
+            let run = map_segment()?;
+            st = RUNS.lock();
+            st.add_segment(run)
+        }
     };
     let run = if slack > 0 {
         st.align_front(run, align)
