@@ -283,9 +283,11 @@ fn context() -> &'static Context {
 #[inline]
 fn switch(index: u32, with_fork: bool, lent: bool) -> ExecGuard {
     let reg = registry();
-    arm_exit_hook();
     let c = context();
     if !lent {
+        // The context will own references: they go back at thread exit, if not before.
+        // (A lent switch gives the context none; `adopt` inside it arms the hook itself.)
+        arm_exit_hook();
         reg.retain_n(index, 1 + with_fork as u64);
     }
     let prev_exec = c.replace_exec(index);

@@ -39,9 +39,9 @@
 //!   charges only the thread's current tenant, so at most one batch per CPU,
 //!   `min(CPUs × STOCK_BYTES, headroom / 2)`. (A give-back does not raise `held`.)
 //!
-//! An entry's `take` (what allocations use) is at most one batch, and its `back` (what frees
-//! gave back) grows past one batch only through give-backs; the free that does so trims
-//! `back` to half a batch. So a thread keeps at most two batches per entry, and what it keeps of a
+//! An entry's `take` (what allocations use) is at most one batch (of bytes and of objects),
+//! and its `back` (what frees gave back) grows past one batch only through give-backs; the
+//! free that does so trims `back` to half a batch. So a thread keeps at most two batches per entry, and what it keeps of a
 //! tenant it stopped serving stays until a refill evicts it, a reclaim takes it, or the
 //! thread exits or calls [`drain`](StockSlot::drain).
 //!
