@@ -84,6 +84,10 @@ fn all_slots() -> impl Iterator<Item = &'static StockSlot> + Clone {
     })
 }
 
+/// Once per thread, out of line: a new slot is built in a frame of its own size (32 KiB), which
+/// must not be the frame of every stock refill that calls [`claim_mine`].
+#[cold]
+#[inline(never)]
 fn claim() -> *const StockSlot {
     membarrier::register();
     if !membarrier::available() {
@@ -289,6 +293,7 @@ pub(crate) fn uncharge_object_slow(outcome: GiveBack, bc: u32, bytes: u64) {
 }
 
 /// Claims a slot for this thread if it has not tried yet; true if it got one now.
+#[inline]
 fn claim_mine() -> bool {
     if CLAIMED.try_with(|c| c.replace(true)).unwrap_or(true) {
         return false;
