@@ -12,6 +12,13 @@ mod sync;
 #[path = "../../src/accounting/mod.rs"]
 mod accounting;
 
+/// The remote-free inbox (`src/alloc/remote.rs`): it needs nothing of the allocator but
+/// `crate::sync`.
+#[path = "../../src/alloc/remote.rs"]
+mod remote;
+
+#[cfg(test)]
+mod inbox;
 #[cfg(test)]
 mod models;
 #[cfg(test)]

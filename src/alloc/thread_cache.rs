@@ -29,7 +29,7 @@
 //! Objects in abandoned slabs stay valid and can be freed from anywhere.
 
 use super::page_map;
-use super::remote::{Block, Inbox, Outbox};
+use super::remote::{self, Block, Inbox, Outbox};
 use super::run::{self, Kind};
 use super::size_class::NUM_CLASSES;
 use super::slab::{self, Place, Slab};
@@ -248,16 +248,31 @@ impl Heap {
         self.spare_bytes.set(self.spare_bytes.get() + bytes);
     }
 
-    /// Owner: frees, into their slabs, the objects other threads handed over.
+    /// Owner: frees, into their slabs, the objects other threads handed over. The lanes are
+    /// walked side by side, one object of each in turn, and the next object of a lane is
+    /// prefetched when its link is read: the loads of the lanes overlap (`remote.rs`).
     fn take_inbox(&self) {
-        let mut at = self.inbox.0.take();
-        while !at.is_null() {
-            let p = at;
-            // SAFETY: the inbox holds freed objects of this heap's slabs, linked by the
-            // threads that freed them and published to this owner (see `remote.rs`).
-            at = unsafe { (*at).next };
-            let s = page_map::slab_of(p as *const u8);
-            self.free_local(s, p.cast());
+        let Some(mut lanes) = self.inbox.0.take() else {
+            return;
+        };
+        loop {
+            let mut walked = false;
+            for at in &mut lanes {
+                let p = *at;
+                if p.is_null() {
+                    continue;
+                }
+                walked = true;
+                // SAFETY: the inbox holds freed objects of this heap's slabs, linked by the
+                // threads that freed them and published to this owner (see `remote.rs`).
+                *at = unsafe { (*p).next };
+                remote::prefetch(*at);
+                let s = page_map::slab_of(p as *const u8);
+                self.free_local(s, p.cast());
+            }
+            if !walked {
+                return;
+            }
         }
     }
 
@@ -449,7 +464,10 @@ fn free_remote(heap: &'static Heap, s: &'static Slab, owner: usize, p: *mut u8) 
         // freed object of one of its slabs, 8-aligned, a chain of one.
         unsafe {
             let b = p.cast::<Block>();
-            (*(owner as *const Heap)).inbox.0.push(b, b);
+            (*(owner as *const Heap))
+                .inbox
+                .0
+                .push(p as usize >> 6, b, b);
         }
         return;
     }
