@@ -54,14 +54,16 @@ fn stats(t: &Beancounter) -> (ResourceStat, ResourceStat) {
     (t.stat(Resource::Memory), t.stat(Resource::Allocations))
 }
 
-/// One refused mapping: an 8 MiB block (always a mapping of its own) comes back null from
-/// `alloc` and `alloc_zeroed`, nothing stays charged or mapped, and the same request then
-/// succeeds.
+/// One refused mapping: an 8 MiB block from `alloc` and a 12 MiB one from `alloc_zeroed`
+/// (each a mapping of its own) come back null, nothing stays charged or mapped, and the
+/// same request then succeeds.
 fn huge_failure() {
     let t = tenant(1);
-    let l = Layout::from_size_align(8 * MIB, 64).unwrap();
     let _g = t.enter();
-    for zeroed in [false, true] {
+    // The second size is more than a quarter above the first: the first block's mapping,
+    // kept for reuse once freed, cannot serve it, so the OS is asked again.
+    for (zeroed, size) in [(false, 8 * MIB), (true, 12 * MIB)] {
+        let l = Layout::from_size_align(size, 64).unwrap();
         let (before, mapped) = (held(&t), beancounter::mapped_bytes());
         beancounter::fail_next_os_maps(1);
         // SAFETY: a non-zero size.
@@ -86,9 +88,9 @@ fn huge_failure() {
         // SAFETY: a non-zero size.
         let p = unsafe { ALLOC.alloc_zeroed(l) };
         assert!(!p.is_null(), "not usable after the refusal");
-        // SAFETY: `8 MiB` zeroed bytes.
+        // SAFETY: `size` zeroed bytes.
         assert!(unsafe { common::all_zero(p, l.size()) });
-        assert_eq!(held(&t), (before.0 + 8 * MIB as u64, before.1 + 1));
+        assert_eq!(held(&t), (before.0 + size as u64, before.1 + 1));
         // SAFETY: allocated just above.
         unsafe { ALLOC.dealloc(p, l) };
         assert_eq!(held(&t), before);

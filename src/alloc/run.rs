@@ -35,6 +35,10 @@
 //!   resident; one that frees most of its heap for good gives back all but that at once,
 //!   whatever the age, whole free segments first (unmapping them splits no huge page).
 //!
+//! - **Huge blocks** are dirty memory too once freed: their mappings are kept whole (at most
+//!   [`CACHED_HUGE`]) for the next huge block that fits (`HugeCache`), counted against the
+//!   same bound, unmapped by the same age, and first when over the bound.
+//!
 //! Together: free pages kept resident are at most `max(64 MiB, recent peak / 2)` (plus the
 //! spare slabs each thread heap keeps, see `thread_cache`), and a second after a program
 //! stops allocating and freeing, what it freed is given back at its next allocator call.
@@ -68,6 +72,8 @@ pub(crate) const CACHED_EMPTY_SEGMENTS: usize = 1;
 /// the design asks (`DESIGN.md` §8), between jemalloc's default decay of 10 s and mimalloc's
 /// purge delay of tens of milliseconds.
 pub(crate) const PURGE_DELAY_MS: u64 = 1000;
+/// Freed huge mappings kept for reuse at most (see [`HugeCache`]).
+pub(crate) const CACHED_HUGE: usize = 8;
 /// Dirty bytes always allowed, whatever is in use: 64 MiB, sixteen segments; a program whose
 /// working set is freed and built again (a parsed document, a request's buffers) reuses that
 /// much without a page fault.
@@ -214,6 +220,66 @@ impl DirtyList {
     }
 }
 
+/// A freed huge block's mapping, kept whole for the next huge block it fits.
+#[derive(Clone, Copy)]
+struct Cached {
+    base: *mut u8,
+    size: usize,
+    /// When it was freed (`os::now_ms`).
+    since: u64,
+}
+
+/// Freed huge mappings, oldest first: dirty memory like free runs (counted against the same
+/// bound, given back by the same age), so that a program that frees a buffer of many
+/// megabytes and takes one as big again (a document, a sort's scratch, a `Vec` collected
+/// anew) reuses its pages instead of faulting in and zeroing fresh ones each time. A
+/// request takes the smallest mapping that holds it and is at most a quarter larger.
+struct HugeCache {
+    held: [Cached; CACHED_HUGE],
+    len: usize,
+    bytes: usize,
+}
+
+impl HugeCache {
+    const NONE: Cached = Cached {
+        base: ptr::null_mut(),
+        size: 0,
+        since: 0,
+    };
+
+    fn oldest(&self) -> Option<Cached> {
+        (self.len > 0).then(|| self.held[0])
+    }
+
+    fn remove(&mut self, i: usize) -> Cached {
+        let c = self.held[i];
+        self.held.copy_within(i + 1..self.len, i);
+        self.len -= 1;
+        self.bytes -= c.size;
+        c
+    }
+
+    /// Takes the smallest mapping of at least `need` bytes and at most a quarter more.
+    fn take(&mut self, need: usize) -> Option<Cached> {
+        let fits = |c: &Cached| c.size >= need && c.size - need <= need / 4;
+        let (i, _) = self.held[..self.len]
+            .iter()
+            .enumerate()
+            .filter(|(_, c)| fits(c))
+            .min_by_key(|(_, c)| c.size)?;
+        Some(self.remove(i))
+    }
+
+    /// Keeps `c`; returns the oldest mapping if that made room for it.
+    fn push(&mut self, c: Cached) -> Option<Cached> {
+        let evicted = (self.len == CACHED_HUGE).then(|| self.remove(0));
+        self.held[self.len] = c;
+        self.len += 1;
+        self.bytes += c.size;
+        evicted
+    }
+}
+
 struct State {
     bins: [*mut Run; NUM_BINS],
     /// Dirty free runs that are part of a segment, and those that are a whole segment;
@@ -228,6 +294,8 @@ struct State {
     used_pages: usize,
     /// Bytes of huge blocks.
     huge_bytes: usize,
+    /// Freed huge mappings kept for reuse (dirty, and counted in `mapped_bytes`).
+    huge_cache: HugeCache,
     /// The most bytes in use (runs and huge blocks) in the current window of
     /// `PURGE_DELAY_MS` and in the one before, and when the current one started.
     peak: usize,
@@ -249,6 +317,11 @@ static RUNS: Mutex<State> = Mutex::new(State {
     empty_segments: 0,
     used_pages: 0,
     huge_bytes: 0,
+    huge_cache: HugeCache {
+        held: [HugeCache::NONE; CACHED_HUGE],
+        len: 0,
+        bytes: 0,
+    },
     peak: 0,
     prev_peak: 0,
     window_start: 0,
@@ -416,6 +489,11 @@ impl State {
         self.peak = self.peak.max(self.in_use());
     }
 
+    /// Dirty bytes: free runs not purged, and cached huge mappings.
+    fn dirty_bytes(&self) -> usize {
+        self.dirty_pages * PAGE + self.huge_cache.bytes
+    }
+
     /// Most dirty bytes kept: see the module docs.
     fn dirty_bound(&self) -> usize {
         dirty_bound(self.peak.max(self.prev_peak))
@@ -431,6 +509,19 @@ impl State {
             self.window_start = now;
         }
         let due = |run: &Run| now.saturating_sub(run.dirty_since.get()) >= PURGE_DELAY_MS;
+        // Cached huge mappings first: due ones, then the oldest while over the bound (each is
+        // one system call that gives back many pages, and splits no segment's huge page).
+        while let Some(c) = self.huge_cache.oldest() {
+            if now.saturating_sub(c.since) < PURGE_DELAY_MS
+                && self.dirty_bytes() <= self.dirty_bound()
+            {
+                break;
+            }
+            self.huge_cache.remove(0);
+            self.mapped_bytes -= c.size;
+            // SAFETY: a freed huge block's whole mapping, which only the cache referred to.
+            unsafe { os::unmap(c.base, c.size) };
+        }
         loop {
             let oldest = match (self.dirty.oldest(), self.empty.oldest()) {
                 (Some(d), Some(e)) if e.dirty_since.get() <= d.dirty_since.get() => Some(e),
@@ -440,7 +531,7 @@ impl State {
             let Some(oldest) = oldest else { break };
             if due(oldest) {
                 self.purge_run(oldest);
-            } else if self.dirty_pages * PAGE > self.dirty_bound() {
+            } else if self.dirty_bytes() > self.dirty_bound() {
                 let run = self.empty.oldest().unwrap_or(oldest);
                 self.purge_run(run);
             } else {
@@ -450,9 +541,10 @@ impl State {
         let next = [self.dirty.oldest(), self.empty.oldest()]
             .into_iter()
             .flatten()
-            .map(|r| r.dirty_since.get() + PURGE_DELAY_MS)
+            .map(|r| r.dirty_since.get())
+            .chain(self.huge_cache.oldest().map(|c| c.since))
             .min()
-            .unwrap_or(u64::MAX);
+            .map_or(u64::MAX, |since| since + PURGE_DELAY_MS);
         NEXT_DUE.store(next, Ordering::Relaxed);
     }
 
@@ -738,39 +830,66 @@ pub(crate) fn shrink_in_place(run: &'static Run, pages: usize) {
     st.release(tail);
 }
 
-/// Maps a huge block of at least `size` bytes aligned to `align`; returns the head (with
-/// the object at `huge_object()`, zeroed).
-pub(crate) fn alloc_huge(size: usize, align: usize) -> Option<&'static SegmentHead> {
+/// A huge block of at least `size` bytes aligned to `align`: a cached mapping it fits, else
+/// a new one. Returns the head (with the object at `huge_object()`) and whether the object
+/// reads as zero (a new mapping).
+pub(crate) fn alloc_huge(size: usize, align: usize) -> Option<(&'static SegmentHead, bool)> {
     let offset = align.max(PAGE);
     let map_size = offset.checked_add(size.checked_next_multiple_of(PAGE)?)?;
     if map_size > isize::MAX as usize - SEGMENT {
         return None;
     }
-    let base = os::map_aligned(map_size, SEGMENT)?.as_ptr();
-    // SAFETY: the block's whole mapping, just made (a resize keeps the advice).
-    unsafe { os::advise_huge(base, map_size) };
-    // SAFETY: a fresh zeroed mapping; its first bytes become the head, which nothing else
-    // refers to yet.
+    // The cache is looked at, and a new mapping's head written (its first page faulted in,
+    // a huge page where the kernel gives one), outside the run lock's second hold.
+    let cached = RUNS.lock().huge_cache.take(map_size);
+    let (base, map_size, zeroed) = match cached {
+        Some(c) => (c.base, c.size, false),
+        None => {
+            let base = os::map_aligned(map_size, SEGMENT)?.as_ptr();
+            // SAFETY: the block's whole mapping, just made (a resize keeps the advice).
+            unsafe { os::advise_huge(base, map_size) };
+            (base, map_size, true)
+        }
+    };
+    // SAFETY: a mapping of at least `map_size` bytes, SEGMENT-aligned, new (zeroed) or
+    // cached by `free_huge` (its head still written); nothing else refers to it. Its first
+    // bytes are the head.
     let head = unsafe { &mut *(base as *mut SegmentHead) };
     head.huge = true;
     head.map_size = map_size;
     head.offset = offset;
     let mut st = RUNS.lock();
-    st.mapped_bytes += map_size;
+    if zeroed {
+        st.mapped_bytes += map_size;
+    }
     st.huge_bytes += map_size;
     st.note_peak();
-    Some(head)
+    Some((head, zeroed))
 }
 
-/// Unmaps a huge block.
+/// Frees a huge block: its mapping is cached for reuse (see [`HugeCache`]); the oldest
+/// cached one is unmapped if the cache is full, and the cache is purged by age and bound
+/// like free runs.
 pub(crate) fn free_huge(head: &'static SegmentHead) {
     let (base, size) = (head.base() as *mut u8, head.map_size);
     let mut st = RUNS.lock();
-    st.mapped_bytes -= size;
+    // Read under the lock, so that the cache stays in the order of the times.
+    let now = os::now_ms();
     st.huge_bytes -= size;
+    let evicted = st.huge_cache.push(Cached {
+        base,
+        size,
+        since: now,
+    });
+    if let Some(c) = evicted {
+        st.mapped_bytes -= c.size;
+    }
+    st.decay(now);
     drop(st);
-    // SAFETY: the block is being freed: nothing refers to its mapping any more.
-    unsafe { os::unmap(base, size) };
+    if let Some(c) = evicted {
+        // SAFETY: a freed huge block's whole mapping, no longer cached: nothing refers to it.
+        unsafe { os::unmap(c.base, c.size) };
+    }
 }
 
 /// Resizes a huge block's mapping to hold `size` bytes from its object; moves the pages
@@ -846,6 +965,13 @@ pub(crate) fn check_invariants() -> Result<(), &'static str> {
     }
     if dirty != st.dirty_pages {
         return Err("dirty page count differs from the dirty free runs");
+    }
+    let cache = &st.huge_cache;
+    let held = &cache.held[..cache.len];
+    if held.iter().map(|c| c.size).sum::<usize>() != cache.bytes
+        || held.windows(2).any(|w| w[0].since > w[1].since)
+    {
+        return Err("the huge cache's bytes or order are wrong");
     }
     let mut listed = 0;
     for (list, whole) in [(&st.dirty, false), (&st.empty, true)] {
