@@ -189,6 +189,18 @@ fn workloads() -> Vec<Workload> {
             switching::per_request_2threads,
         ),
         switching(
+            "per_request_in_scope/1thread",
+            PER_REQUEST,
+            "ns/req",
+            switching::per_request_in_scope_1thread,
+        ),
+        switching(
+            "per_request_in_scope/2threads",
+            PER_REQUEST,
+            "ns/req",
+            switching::per_request_in_scope_2threads,
+        ),
+        switching(
             "per_poll/tokio",
             PER_POLL,
             "ns/poll",

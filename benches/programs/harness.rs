@@ -282,7 +282,7 @@ only). `beancounter` runs every workload thread in a tenant of its own; `beancou
 the same allocator with no tenant entered; `beancounter_profiled` the `beancounter` column \
 with heap profiling on at the default rate (`profile::start(DEFAULT_SAMPLE_BYTES)`, one \
 sample per 512 KiB). In `switching`, `noswitch` is the same work on \
-`BeanAlloc` without the guard (`per_request`) or without `in_beancounter` (`per_poll`). \
+`BeanAlloc` without the guard or `in_scope` (`per_request`, `per_request_in_scope`) or without `in_beancounter` (`per_poll`). \
 Ratios are of times: the median over the rounds of the ratio within each round (the \
 columns of a round run back to back, so slow phases of the machine cancel); `ours` = \
 `beancounter`, `root` = `beancounter_root`. \

@@ -1,5 +1,6 @@
-//! Tenant switching: per request (a guard around each request) and per poll (tokio tasks
-//! wrapped with `in_beancounter`), against the same work without switching.
+//! Tenant switching: per request (a guard around each request, or the request run in
+//! `in_scope`) and per poll (tokio tasks wrapped with `in_beancounter`), against the same
+//! work without switching.
 
 use crate::child::{measure, Iteration, Measured, Mode};
 use beancounter::{Beancounter, FutureExt};
@@ -46,14 +47,28 @@ fn request(i: usize) -> usize {
     sum
 }
 
+/// How a request enters its tenant.
+#[derive(Clone, Copy)]
+enum Enter {
+    /// A guard: `let _g = bc.enter();`.
+    Guard,
+    /// A closure: `bc.in_scope(|| ..)`.
+    InScope,
+}
+
 /// `n` requests numbered from `first`, each inside tenant `i % 1000` if there are tenants.
-fn requests(tenants: &[Beancounter], first: usize, n: usize) -> usize {
+fn requests(tenants: &[Beancounter], first: usize, n: usize, how: Enter) -> usize {
     let mut sum = 0;
     for i in first..first + n {
         let t = i % TENANTS as usize;
         if let Some(bc) = tenants.get(t) {
-            let _g = bc.enter();
-            sum += request(i);
+            sum += match how {
+                Enter::Guard => {
+                    let _g = bc.enter();
+                    request(i)
+                }
+                Enter::InScope => bc.in_scope(|| request(i)),
+            };
         } else {
             sum += request(black_box(t) + i - t);
         }
@@ -62,13 +77,13 @@ fn requests(tenants: &[Beancounter], first: usize, n: usize) -> usize {
 }
 
 /// Requests on `threads` std threads at once, `per_thread` each; ns per request per thread.
-fn per_request(mode: &Mode, threads: usize) -> Measured {
+fn per_request(mode: &Mode, threads: usize, how: Enter) -> Measured {
     let per_thread = mode.size(800_000);
     let tenants = tenants(mode);
     measure(&tenants, |_| {
         let wall = if threads == 1 {
             let t0 = Instant::now();
-            black_box(requests(&tenants, 0, per_thread));
+            black_box(requests(&tenants, 0, per_thread, how));
             t0.elapsed()
         } else {
             let start = Barrier::new(threads);
@@ -79,7 +94,7 @@ fn per_request(mode: &Mode, threads: usize) -> Measured {
                         s.spawn(move || {
                             start.wait();
                             let t0 = Instant::now();
-                            black_box(requests(tenants, t * per_thread, per_thread));
+                            black_box(requests(tenants, t * per_thread, per_thread, how));
                             t0.elapsed()
                         })
                     })
@@ -98,12 +113,22 @@ fn per_request(mode: &Mode, threads: usize) -> Measured {
 
 /// One request per iteration on one thread.
 pub fn per_request_1thread(mode: &Mode) -> Measured {
-    per_request(mode, 1)
+    per_request(mode, 1, Enter::Guard)
 }
 
 /// Two threads doing requests at once.
 pub fn per_request_2threads(mode: &Mode) -> Measured {
-    per_request(mode, 2)
+    per_request(mode, 2, Enter::Guard)
+}
+
+/// One request per iteration on one thread, each in `in_scope` instead of a guard.
+pub fn per_request_in_scope_1thread(mode: &Mode) -> Measured {
+    per_request(mode, 1, Enter::InScope)
+}
+
+/// Two threads doing requests at once, each in `in_scope`.
+pub fn per_request_in_scope_2threads(mode: &Mode) -> Measured {
+    per_request(mode, 2, Enter::InScope)
 }
 
 /// Yields per task: a task is polled `YIELDS + 1` times.

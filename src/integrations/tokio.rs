@@ -60,7 +60,8 @@ where
     F::Output: Send + 'static,
 {
     let fork = context::fork();
-    let _in_fork = enter_for_spawn(&fork);
+    // `fork` outlives the guard here: the guard borrows its reference.
+    let _in_fork = (context::exec_index() != fork.index()).then(|| fork.enter_lent());
     ::tokio::task::spawn(future.in_beancounter(&fork))
 }
 
@@ -106,8 +107,7 @@ where
 {
     let fork = context::fork();
     let _in_fork = enter_for_spawn(&fork);
-    ::tokio::task::spawn_blocking(move || {
-        let _g = fork.enter();
-        f()
-    })
+    // `fork` moves into the closure, which may drop it before `_in_fork` is dropped here:
+    // that guard keeps a reference of its own. Inside, `fork` outlives the scope.
+    ::tokio::task::spawn_blocking(move || fork.in_scope(f))
 }
