@@ -12,15 +12,17 @@
 //! ├─ stock::try_charge_object(key, class size) → no entry for bc yet: charge_object_slow
 //! │  └─ claim a stock slot (first time), charge size + one batch to bc and its ancestors
 //! │     into the slot's entry for bc
-//! ├─ thread_cache::alloc(class)          TLS heap is the static empty heap: its bin's
+//! ├─ thread_cache::alloc(class, bc)      TLS heap is the static empty heap: its bin's
 //! │  │                                   current slab is the static empty slab → pop fails
 //! │  └─ Err(Uninit)
 //! ├─ start_thread()                      adopt an abandoned heap or map a new one; register
 //! │                                      the thread-exit hook (pthread key) and fork hooks
-//! ├─ thread_cache::alloc(class)          refill: Slab::create → run::alloc_run → (first
-//! │                                      time) os::map_aligned a 4 MiB segment
-//! └─ slab.set_tag(p, bc)                 the owner tag: the slab's sole tag, or in its
-//!                                        side array once the slab is mixed
+//! └─ thread_cache::alloc(class, bc)      refill: Slab::create → run::alloc_run → (first
+//!    │                                   time) os::map_aligned a 4 MiB segment
+//!    └─ slab.set_tag(p, bc)              the owner tag: the slab's sole tag, or in its
+//!                                        side array once the slab is mixed (set inside, so
+//!                                        that for an exiting thread it happens under the
+//!                                        shared heap's lock)
 //! ```
 //! Every later allocation of that class on that thread: TLS key, stock subtract, slab pop,
 //! tag check — no lock, no atomic read-modify-write. Inside `fallible` or `forced` the key
@@ -246,7 +248,7 @@ fn sample_small(p: *mut u8, bc: u32) -> *mut u8 {
     if !p.is_null() {
         let slab = page_map::slab_of(p);
         if record_sample(p, slab.size() as u64, bc) {
-            slab.set_tag(p, bc | SAMPLED);
+            thread_cache::retag(slab, p, bc | SAMPLED);
         }
     }
     #[cfg(not(feature = "profile"))]
@@ -295,16 +297,15 @@ fn unsample(p: *mut u8) {
 #[cold]
 #[inline(never)]
 fn alloc_small_refill(bc: u32, class: usize, zero: bool) -> *mut u8 {
-    let got = match thread_cache::alloc(class) {
+    let got = match thread_cache::alloc(class, bc) {
         Ok(got) => Some(got),
-        Err(AllocError::Uninit) if start_thread() => thread_cache::alloc(class).ok(),
+        Err(AllocError::Uninit) if start_thread() => thread_cache::alloc(class, bc).ok(),
         Err(_) => None,
     };
-    let Some((p, slab, zeroed)) = got else {
+    let Some((p, _, zeroed)) = got else {
         stock::uncharge_object(bc, size_class::size_of(class));
         return ptr::null_mut();
     };
-    slab.set_tag(p.as_ptr(), bc);
     if zero && !zeroed {
         return zero_object(p.as_ptr(), class);
     }

@@ -398,12 +398,32 @@ pub(crate) enum AllocError {
     OutOfMemory,
 }
 
-/// An object of `class` for the current thread, its slab, and whether it reads as zero.
+/// An object of `class` for the current thread, tagged `tag` (`Slab::set_tag`), its slab,
+/// and whether it reads as zero. The tag is set here rather than by the caller: an exiting
+/// thread's object comes from the shared heap, whose slabs are the caller's to change only
+/// while it holds that heap's lock.
 #[inline]
-pub(crate) fn alloc(class: usize) -> Result<(NonNull<u8>, &'static Slab, bool), AllocError> {
+pub(crate) fn alloc(
+    class: usize,
+    tag: u32,
+) -> Result<(NonNull<u8>, &'static Slab, bool), AllocError> {
     match try_alloc(class) {
-        Some(got) => Ok(got),
-        None => alloc_slow(current(), class),
+        Some(got) => {
+            got.1.set_tag(got.0.as_ptr(), tag);
+            Ok(got)
+        }
+        None => alloc_slow(current(), class, tag),
+    }
+}
+
+/// Gives object `p` of slab `s`, which the current thread just allocated, tag `tag` (under
+/// the shared heap's lock if the object is from the shared heap: see [`alloc`]).
+pub(crate) fn retag(s: &'static Slab, p: *const u8, tag: u32) {
+    if ptr::eq(current(), &DEAD_HEAP) {
+        let _shared = SHARED.lock();
+        s.set_tag(p, tag);
+    } else {
+        s.set_tag(p, tag);
     }
 }
 
@@ -422,6 +442,7 @@ pub(crate) fn try_alloc(class: usize) -> Option<(NonNull<u8>, &'static Slab, boo
 fn alloc_slow(
     heap: &'static Heap,
     class: usize,
+    tag: u32,
 ) -> Result<(NonNull<u8>, &'static Slab, bool), AllocError> {
     if ptr::eq(heap, &EMPTY_HEAP) {
         return Err(AllocError::Uninit);
@@ -435,9 +456,15 @@ fn alloc_slow(
         // SAFETY: set above or earlier to a heap that is never unmapped; the lock makes this
         // thread its owner for the call.
         let h = unsafe { &*shared.0 };
-        return h.alloc(class).ok_or(AllocError::OutOfMemory);
+        let got = h.alloc(class).ok_or(AllocError::OutOfMemory)?;
+        // Still under the lock: whether the slab's sole tag can be taken over depends on its
+        // `used`, which other exiting threads change under this lock.
+        got.1.set_tag(got.0.as_ptr(), tag);
+        return Ok(got);
     }
-    heap.refill(class).ok_or(AllocError::OutOfMemory)
+    let got = heap.refill(class).ok_or(AllocError::OutOfMemory)?;
+    got.1.set_tag(got.0.as_ptr(), tag);
+    Ok(got)
 }
 
 /// Frees object `p` of slab `s`, from any thread.
