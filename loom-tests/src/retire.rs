@@ -105,6 +105,9 @@ fn retire_races_free_late_charge_and_recreate() {
             })
         };
         // This thread's reference goes to the registry.
+        // Let the spawned threads go first too: loom explored no interleaving in which a
+        // spawned thread's first step came before this thread's next (see `model`).
+        thread::yield_now();
         reg.retire(t).unwrap();
         freer.join().unwrap();
         let (late_to, late) = late.join().unwrap();
@@ -205,6 +208,9 @@ fn retired_record_freed_once_by_last_free_or_release() {
             let reg = reg.clone();
             thread::spawn(move || reg.release(t))
         };
+        // Let the spawned threads go first too: loom explored no interleaving in which a
+        // spawned thread's first step came before this thread's next (see `model`).
+        thread::yield_now();
         reg.retire(t).unwrap();
         freer.join().unwrap();
         dropper.join().unwrap();
