@@ -6,9 +6,10 @@
 //! freeing thread                              owning heap
 //! outboxes[hash(heap)]: head → … → tail       inbox: LANES words, each a stack of chains
 //!   add(object): link it, count it  (plain)
-//!   flush(): tail.next = lane; CAS lane ─────▶ take(): swap each lane with null (Acquire),
-//!            head (Release); next lane           then walk the lanes side by side, freeing
-//!                                                each object into its slab
+//!   flush(): tail.next = lane; CAS lane ─────▶ take(): swap each lane that holds a chain
+//!            head (Release); next lane           with null (Acquire), then walk the chains
+//!                                                side by side, freeing each object into
+//!                                                its slab
 //! ```
 //!
 //! A batch goes out when it holds [`BATCH`] objects, when its outbox is wanted for another
@@ -48,8 +49,9 @@ pub(crate) const LANES: usize = 8;
 #[cfg(beancounter_loom)]
 pub(crate) const LANES: usize = 2;
 
-/// What [`Inbox::take`] hands the owner: the head of each lane's chain (null if none).
-pub(crate) type Lanes = [*mut Block; LANES];
+/// What [`Inbox::take`] hands the owner: the chains it took, at the front of the array,
+/// and how many there are.
+pub(crate) type Lanes = ([*mut Block; LANES], usize);
 
 /// A heap's inbox: chains of objects other threads freed, for the owner to take back.
 pub(crate) struct Inbox {
@@ -89,25 +91,19 @@ impl Inbox {
         }
     }
 
-    /// Owner: every object handed over so far, as one chain per lane (linked through
-    /// `next`), or `None` if there is none.
+    /// Owner: every object handed over so far, one chain per lane that held any (linked
+    /// through `next`); a count of 0 if there was none.
     #[inline]
-    pub(crate) fn take(&self) -> Option<Lanes> {
-        if self
-            .lanes
-            .iter()
-            .all(|l| l.load(Ordering::Relaxed).is_null())
-        {
-            return None;
-        }
-        Some(core::array::from_fn(|i| {
-            let lane = &self.lanes[i];
-            if lane.load(Ordering::Relaxed).is_null() {
-                ptr::null_mut()
-            } else {
-                lane.swap(ptr::null_mut(), Ordering::Acquire)
+    pub(crate) fn take(&self) -> Lanes {
+        let mut taken = [ptr::null_mut(); LANES];
+        let mut n = 0;
+        for lane in &self.lanes {
+            if !lane.load(Ordering::Relaxed).is_null() {
+                taken[n] = lane.swap(ptr::null_mut(), Ordering::Acquire);
+                n += 1;
             }
-        }))
+        }
+        (taken, n)
     }
 }
 

@@ -248,30 +248,30 @@ impl Heap {
         self.spare_bytes.set(self.spare_bytes.get() + bytes);
     }
 
-    /// Owner: frees, into their slabs, the objects other threads handed over. The lanes are
-    /// walked side by side, one object of each in turn, and the next object of a lane is
-    /// prefetched when its link is read: the loads of the lanes overlap (`remote.rs`).
+    /// Owner: frees, into their slabs, the objects other threads handed over. The chains are
+    /// walked side by side, one object of each in turn, and the next object of a chain is
+    /// prefetched when its link is read: the loads of the chains overlap (`remote.rs`). A
+    /// chain that ends leaves the walk.
     fn take_inbox(&self) {
-        let Some(mut lanes) = self.inbox.0.take() else {
-            return;
-        };
-        loop {
-            let mut walked = false;
-            for at in &mut lanes {
-                let p = *at;
-                if p.is_null() {
-                    continue;
-                }
-                walked = true;
+        let (mut chains, mut live) = self.inbox.0.take();
+        while live > 0 {
+            let mut i = 0;
+            while i < live {
+                let p = chains[i];
                 // SAFETY: the inbox holds freed objects of this heap's slabs, linked by the
                 // threads that freed them and published to this owner (see `remote.rs`).
-                *at = unsafe { (*p).next };
-                remote::prefetch(*at);
+                // The link is read before the free below reuses it.
+                let next = unsafe { (*p).next };
+                remote::prefetch(next);
+                if next.is_null() {
+                    live -= 1;
+                    chains[i] = chains[live];
+                } else {
+                    chains[i] = next;
+                    i += 1;
+                }
                 let s = page_map::slab_of(p as *const u8);
                 self.free_local(s, p.cast());
-            }
-            if !walked {
-                return;
             }
         }
     }
@@ -417,7 +417,9 @@ pub(crate) fn alloc(
 }
 
 /// Gives object `p` of slab `s`, which the current thread just allocated, tag `tag` (under
-/// the shared heap's lock if the object is from the shared heap: see [`alloc`]).
+/// the shared heap's lock if the object is from the shared heap: see [`alloc`]). For the
+/// heap profile's sampled objects.
+#[cfg(feature = "profile")]
 pub(crate) fn retag(s: &'static Slab, p: *const u8, tag: u32) {
     if ptr::eq(current(), &DEAD_HEAP) {
         let _shared = SHARED.lock();

@@ -13,9 +13,10 @@ use ::tokio::task::JoinHandle;
 use core::future::Future;
 
 /// Enters `fork` as exec beancounter too unless it already is: the memory tokio takes for the
-/// task itself (its cell, the future's state) is charged to the task's tenant.
+/// task itself (its cell, the future's state) is charged to the task's tenant. The caller's
+/// `fork` outlives the guard, which borrows its reference.
 fn enter_for_spawn(fork: &Beancounter) -> Option<ExecGuard> {
-    (context::exec_index() != fork.index()).then(|| fork.enter())
+    (context::exec_index() != fork.index()).then(|| fork.enter_lent())
 }
 
 /// Spawns `future` on the current tokio runtime, like [`tokio::spawn`](::tokio::spawn), in the
@@ -60,8 +61,7 @@ where
     F::Output: Send + 'static,
 {
     let fork = context::fork();
-    // `fork` outlives the guard here: the guard borrows its reference.
-    let _in_fork = (context::exec_index() != fork.index()).then(|| fork.enter_lent());
+    let _in_fork = enter_for_spawn(&fork);
     ::tokio::task::spawn(future.in_beancounter(&fork))
 }
 
@@ -107,7 +107,6 @@ where
 {
     let fork = context::fork();
     let _in_fork = enter_for_spawn(&fork);
-    // `fork` moves into the closure, which may drop it before `_in_fork` is dropped here:
-    // that guard keeps a reference of its own. Inside, `fork` outlives the scope.
-    ::tokio::task::spawn_blocking(move || fork.in_scope(f))
+    let tenant = fork.clone();
+    ::tokio::task::spawn_blocking(move || tenant.in_scope(f))
 }
