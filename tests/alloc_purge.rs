@@ -54,8 +54,8 @@ fn main() {
     r.finish();
 }
 
-/// `n` blocks of `size` bytes (large runs, below the 2 MiB of a huge block), every page
-/// written.
+/// `n` blocks of `size` bytes, every page written with 1 + the block's number mod 255 (never
+/// zero, so a block on reused pages can be told from one on new pages).
 fn take(n: usize, size: usize) -> Vec<*mut u8> {
     let l = Layout::from_size_align(size, 8).unwrap();
     (0..n)
@@ -65,7 +65,7 @@ fn take(n: usize, size: usize) -> Vec<*mut u8> {
             assert!(!p.is_null());
             for off in (0..size).step_by(4 * KIB) {
                 // SAFETY: inside the block.
-                unsafe { p.add(off).write(i as u8) };
+                unsafe { p.add(off).write((i % 255) as u8 + 1) };
             }
             p
         })
@@ -137,28 +137,29 @@ fn given_back_after_a_second() {
     );
 }
 
-fn within_the_bound() {
-    const SIZE: usize = MIB;
-    const N: usize = 256;
+/// Takes `n` blocks of `size` bytes and frees them all: what stays resident is at most half
+/// the peak (plus `slack` for rounding to huge pages) and at least the 64 MiB always kept.
+/// Returns the resident set before.
+fn kept_within_half_the_peak(n: usize, size: usize, slack: usize) -> usize {
     let before = rss();
-    let blocks = take(N, SIZE);
+    let blocks = take(n, size);
     let used = rss();
-    give(blocks, SIZE);
+    give(blocks, size);
     let freed = rss();
-    std::thread::sleep(Duration::from_millis(1200));
-    give(take(1, 64 * KIB), 64 * KIB);
-    let later = rss();
     println!(
-        "    rss before {} MiB, with 256 MiB in use {} MiB, all freed {} MiB, a second later {} MiB",
+        "    rss before {} MiB, with {} x {} KiB in use {} MiB, all freed {} MiB",
         before / MIB,
+        n,
+        size / KIB,
         used / MIB,
-        freed / MIB,
-        later / MIB
+        freed / MIB
     );
-    assert!(used >= before + 240 * MIB, "the blocks were not resident");
-    // Just freed: at most half of the peak stays (and some rounding to huge pages).
     assert!(
-        freed <= before + 128 * MIB + 16 * MIB,
+        used >= before + n * size / 16 * 15,
+        "the blocks were not resident"
+    );
+    assert!(
+        freed <= before + n * size / 2 + slack,
         "{} MiB of free memory kept resident",
         (freed - before) / MIB
     );
@@ -166,6 +167,15 @@ fn within_the_bound() {
         freed >= before + 64 * MIB,
         "the working set was not kept for reuse"
     );
+    before
+}
+
+fn within_the_bound() {
+    let before = kept_within_half_the_peak(256, MIB, 16 * MIB);
+    std::thread::sleep(Duration::from_millis(1200));
+    give(take(1, 64 * KIB), 64 * KIB);
+    let later = rss();
+    println!("    a second later {} MiB", later / MIB);
     // Unused for a second: given back at the next slow path.
     assert!(
         later <= before + 8 * MIB,
@@ -174,28 +184,10 @@ fn within_the_bound() {
     );
 }
 
-/// A huge block of `size` bytes (over 2 MiB), every page written with `byte`.
-fn take_huge(size: usize, byte: u8) -> *mut u8 {
-    let l = Layout::from_size_align(size, 8).unwrap();
-    // SAFETY: a non-zero size.
-    let p = unsafe { ALLOC.alloc(l) };
-    assert!(!p.is_null());
-    for off in (0..size).step_by(4 * KIB) {
-        // SAFETY: inside the block.
-        unsafe { p.add(off).write(byte) };
-    }
-    p
-}
-
-fn give_huge(p: *mut u8, size: usize) {
-    // SAFETY: allocated by `take_huge` with this size and alignment 8.
-    unsafe { ALLOC.dealloc(p, Layout::from_size_align(size, 8).unwrap()) };
-}
-
 fn huge_reused() {
     const SIZE: usize = 24 * MIB;
     let l = Layout::from_size_align(SIZE, 8).unwrap();
-    give_huge(take_huge(SIZE, 0xA5), SIZE);
+    give(take(1, SIZE), SIZE);
     // Taken again at once: the same pages, still holding what was written (a new mapping
     // would read as zero).
     // SAFETY: a non-zero size.
@@ -204,7 +196,7 @@ fn huge_reused() {
     let kept = (0..SIZE)
         .step_by(4 * KIB)
         // SAFETY: inside the block.
-        .filter(|&off| unsafe { p.add(off).read() } == 0xA5)
+        .filter(|&off| unsafe { p.add(off).read() } == 1)
         .count();
     println!(
         "    24 MiB huge block freed and taken again: {kept} of {} pages kept",
@@ -224,19 +216,19 @@ fn huge_reused() {
     assert!((0..SIZE).step_by(512).all(zero));
     // SAFETY: allocated above with `l`.
     unsafe { ALLOC.dealloc(z, l) };
-    // A request far smaller than a cached mapping does not take it.
-    let small = take_huge(4 * MIB, 1);
-    // SAFETY: inside the block, written by `take_huge`.
-    assert_eq!(unsafe { small.add(4 * KIB).read() }, 1);
-    give_huge(small, 4 * MIB);
+    // A request far smaller than the cached mapping does not take it: it gets a mapping of
+    // its own (the cached one stays mapped, so no new one can overlap it).
+    let small = take(1, 4 * MIB);
+    assert_ne!(small[0], z, "a 4 MiB block took a 24 MiB mapping");
+    give(small, 4 * MIB);
 }
 
 fn huge_given_back() {
     const SIZE: usize = 24 * MIB;
     let (before, mapped_before) = (rss(), beancounter::mapped_bytes());
-    let p = take_huge(SIZE, 7);
+    let block = take(1, SIZE);
     let used = rss();
-    give_huge(p, SIZE);
+    give(block, SIZE);
     let (freed, mapped_freed) = (rss(), beancounter::mapped_bytes());
     std::thread::sleep(Duration::from_millis(1200));
     // Any slow path of the allocator purges what is due: here a large block.
@@ -268,31 +260,8 @@ fn huge_given_back() {
     );
 }
 
+/// Huge blocks (16 MiB, a mapping each) kept once freed count against the same bound: of 192
+/// MiB freed, at most half the peak stays, whatever the cache could hold (8 mappings).
 fn huge_within_the_bound() {
-    const SIZE: usize = 16 * MIB;
-    const N: usize = 12;
-    let before = rss();
-    let blocks: Vec<*mut u8> = (0..N).map(|i| take_huge(SIZE, i as u8 + 1)).collect();
-    let used = rss();
-    for p in blocks {
-        give_huge(p, SIZE);
-    }
-    let freed = rss();
-    println!(
-        "    rss before {} MiB, with 192 MiB of huge blocks {} MiB, all freed {} MiB",
-        before / MIB,
-        used / MIB,
-        freed / MIB
-    );
-    assert!(used >= before + 180 * MIB, "the blocks were not resident");
-    // At most half of the peak stays resident (96 MiB), whatever the cache could hold.
-    assert!(
-        freed <= before + 96 * MIB + 8 * MIB,
-        "{} MiB of freed huge blocks kept resident",
-        (freed - before) / MIB
-    );
-    assert!(
-        freed >= before + 64 * MIB,
-        "no freed huge block was kept for reuse"
-    );
+    kept_within_half_the_peak(12, 16 * MIB, 8 * MIB);
 }
