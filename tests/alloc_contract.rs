@@ -305,6 +305,21 @@ fn realloc_in_place() {
         ALLOC.dealloc(r, Layout::from_size_align(90 * KIB, 8).unwrap());
         assert_eq!(held(&t), base);
 
+        // Grown a page at a time (in place while the pages after it are free, into the
+        // run's reserve without taking pages): charged exactly at every step.
+        let mut size = 64 * KIB;
+        let mut p = ALLOC.alloc(Layout::from_size_align(size, 8).unwrap());
+        fill(p, size, 6);
+        while size < MIB {
+            p = ALLOC.realloc(p, Layout::from_size_align(size, 8).unwrap(), size + 4096);
+            assert!(!p.is_null());
+            size += 4096;
+            assert_eq!(held(&t), (base.0 + size as u64, base.1 + 1), "{size}");
+        }
+        assert_eq!(verify_prefix(p, 64 * KIB, 64 * KIB, 6), Ok(()));
+        ALLOC.dealloc(p, Layout::from_size_align(size, 8).unwrap());
+        assert_eq!(held(&t), base);
+
         // A huge block shrinking keeps its address (mremap shrinks in place).
         let l = Layout::from_size_align(16 * MIB, 8).unwrap();
         let p = ALLOC.alloc(l);

@@ -42,6 +42,10 @@ fn main() {
         "failcnt_counts_refused_allocations_only",
         failcnt_counts_refusals,
     );
+    r.check(
+        "a_block_grown_a_page_at_a_time_stops_at_the_limit",
+        page_steps_to_the_limit,
+    );
     r.check("limit_holds_under_concurrent_allocation", concurrent_limit);
     r.check("other_threads_stocks_leave_bounded_slack", bounded_slack);
     r.finish();
@@ -49,6 +53,59 @@ fn main() {
 
 fn limit(t: &beancounter::Beancounter, r: Resource, n: u64) {
     t.set_limits(r, Limits::new(n, n).unwrap()).unwrap();
+}
+
+/// A block of pages grown one page per `realloc` under a 1 MiB limit (growth in place is
+/// charged through the stock and may take the run's reserve): every step is charged exactly,
+/// `held` never passes the limit, the growth is refused only where the limit leaves no room
+/// (within two pages of it, or for a move, which holds both blocks) with the block intact and
+/// `held` unchanged, and freeing gives everything back.
+fn page_steps_to_the_limit() {
+    const PAGE: usize = 4096;
+    let t = tenant(9);
+    let lim = MIB;
+    limit(&t, Resource::Memory, lim);
+    let _g = t.enter();
+    let base = held(&t);
+    let mut size = 64 * KIB as usize;
+    let mut l = Layout::from_size_align(size, 8).unwrap();
+    // SAFETY: non-zero sizes; every block is used within its size and freed with its layout.
+    unsafe {
+        let mut p = ALLOC.alloc(l);
+        assert!(!p.is_null());
+        p.write_bytes(7, size);
+        loop {
+            let before = t.stat(Resource::Memory);
+            let q = ALLOC.realloc(p, l, size + PAGE);
+            let after = t.stat(Resource::Memory);
+            assert!(
+                after.maxheld <= lim,
+                "{size}: maxheld {} over",
+                after.maxheld
+            );
+            if q.is_null() {
+                assert_eq!(after.held, before.held, "{size}: the refusal changed held");
+                break;
+            }
+            p = q;
+            size += PAGE;
+            l = Layout::from_size_align(size, 8).unwrap();
+            p.add(size - PAGE).write_bytes(7, PAGE);
+            assert_eq!(held(&t), (base.0 + size as u64, base.1 + 1), "{size}");
+            assert!(size as u64 <= lim, "grown past the limit");
+        }
+        // Refused in place only near the limit; where the run cannot grow in place (the
+        // pages after it are taken), a move holds old and new block at once.
+        let (size, page) = (size as u64, PAGE as u64);
+        assert!(
+            size + 2 * page > lim || 2 * size + page > lim,
+            "refused at {size}, below what the limit allows"
+        );
+        let size = size as usize;
+        assert!((0..size).all(|i| p.add(i).read() == 7), "contents lost");
+        ALLOC.dealloc(p, l);
+    }
+    assert_eq!(held(&t), base);
 }
 
 /// `Vec::try_reserve` under an 8 MiB limit, on every route: new vectors of one size until the

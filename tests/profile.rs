@@ -401,9 +401,43 @@ fn bad_input() {
     assert_eq!(memory(&t), 0);
 }
 
+/// Grows `n` blocks one page per `realloc` from 64 KiB to `to` bytes, all live at once.
+#[inline(never)]
+fn site_grown(into: &mut Vec<Vec<u8>>, n: usize, to: usize) {
+    for _ in 0..n {
+        let mut v: Vec<u8> = Vec::with_capacity(64 << 10);
+        while v.capacity() < to {
+            v.reserve_exact(v.capacity() + 4096 - v.len());
+            v.resize(v.capacity(), 1);
+        }
+        into.push(v);
+    }
+}
+
+/// Blocks of pages grown a page at a time, in place (their growth charged through the
+/// stock): a sample point in a growth samples the block, so 150 MiB of them, each grown
+/// from 64 KiB (which a 1 MiB mean would rarely sample), are estimated within 15%.
+fn grown_blocks_estimated() {
+    let t = common::tenant(709);
+    profile::start(1 << 20).unwrap();
+    let (n, to) = (100, 1536 << 10);
+    let mut grown = Vec::with_capacity(n);
+    {
+        let _g = t.enter();
+        site_grown(&mut grown, n, to);
+    }
+    let p = profile_of(&t);
+    let (est, truth) = (p.bytes_in("site_grown"), (n * to) as u64);
+    println!("  estimated {est}, true {truth}; {} samples", p.samples());
+    profile::stop();
+    drop(grown);
+    assert!(within(est, truth, 0.15));
+}
+
 fn main() {
     let mut r = Runner::new();
     r.check("two_sites_estimated", two_sites_estimated);
+    r.check("grown_blocks_estimated", grown_blocks_estimated);
     r.check("other_tenants_stay_out", other_tenants_stay_out);
     r.check(
         "threads_and_cross_thread_frees",

@@ -300,14 +300,14 @@ fn stock_consume_races_reclaim() {
         let slot = Arc::new(StockSlot::new(0));
         // The owner's first charge refills: 2 for the object plus a batch of
         // headroom / 2 = 7 (one CPU under loom).
-        slot.alloc_slow(&reg, bc, 2).unwrap();
+        slot.alloc_slow(&reg, bc, 2, 1).unwrap();
 
         let owner = {
             let (reg, slot) = (reg.clone(), slot.clone());
             thread::spawn(move || {
                 let mut live = 2u64;
                 for _ in 0..2 {
-                    if slot.try_consume(bc, 2) || slot.alloc_slow(&reg, bc, 2).is_ok() {
+                    if slot.try_consume(bc, 2) || slot.alloc_slow(&reg, bc, 2, 1).is_ok() {
                         live += 2;
                     }
                 }
@@ -360,7 +360,7 @@ fn refused_charge_reclaims_other_stock() {
         reg.set_limits(bc, MEM_INDEX, limits(12, 12)).unwrap();
         let slot = Arc::new(StockSlot::new(0));
         // Owner: 2 used, 5 stocked (headroom 10 / 2).
-        slot.alloc_slow(&reg, bc, 2).unwrap();
+        slot.alloc_slow(&reg, bc, 2, 1).unwrap();
 
         let owner = {
             let slot = slot.clone();
@@ -418,7 +418,7 @@ fn stock_refill_races_limit_change() {
             thread::spawn(move || {
                 let mut live = 0;
                 for _ in 0..2 {
-                    if slot.try_consume(bc, 2) || slot.alloc_slow(&reg, bc, 2).is_ok() {
+                    if slot.try_consume(bc, 2) || slot.alloc_slow(&reg, bc, 2, 1).is_ok() {
                         live += 2;
                     }
                 }
@@ -472,19 +472,19 @@ fn tenant_entries_race_a_reclaim() {
         reg.set_limits(a, MEM_INDEX, limits(16, 16)).unwrap();
         let slot = Arc::new(StockSlot::new(0));
         // A: 2 for the object and a batch of half the headroom (one CPU under loom).
-        slot.alloc_slow(&reg, a, 2).unwrap();
+        slot.alloc_slow(&reg, a, 2, 1).unwrap();
 
         let owner = {
             let (reg, slot) = (reg.clone(), slot.clone());
             thread::spawn(move || {
                 // The switch to B: its own entry, A's stays.
-                slot.alloc_slow(&reg, b, 2).unwrap();
+                slot.alloc_slow(&reg, b, 2, 1).unwrap();
                 // A's object freed while working for B.
                 if slot.try_give_back(a, 2) == GiveBack::NotMine && !slot.adopt(a, 2) {
                     charge_pair_undo(&reg, a, 2);
                 }
                 let mut live_b = 2;
-                if slot.try_consume(b, 2) || slot.alloc_slow(&reg, b, 2).is_ok() {
+                if slot.try_consume(b, 2) || slot.alloc_slow(&reg, b, 2, 1).is_ok() {
                     live_b += 2;
                 }
                 live_b
@@ -539,12 +539,12 @@ fn colliding_entries_race_a_subtree_reclaim() {
         assert!(reg.has_children(p) && !reg.has_children(a));
         reg.set_limits(p, MEM_INDEX, limits(16, 16)).unwrap();
         let slot = Arc::new(StockSlot::new(0));
-        slot.alloc_slow(&reg, a, 2).unwrap();
+        slot.alloc_slow(&reg, a, 2, 1).unwrap();
 
         let owner = {
             let (reg, slot) = (reg.clone(), slot.clone());
             thread::spawn(move || {
-                let live_c = match slot.alloc_slow(&reg, c, 2) {
+                let live_c = match slot.alloc_slow(&reg, c, 2, 1) {
                     Ok(_) => 2,
                     Err(_) => 0,
                 };

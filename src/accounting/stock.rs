@@ -353,9 +353,22 @@ impl StockSlot {
     /// Calls nothing.
     #[inline]
     pub(crate) fn try_consume(&self, bc: u32, bytes: u64) -> bool {
+        self.consume(bc, unit(bytes))
+    }
+
+    /// Owner: takes `bytes` and no object from the entry of `bc` (a block of pages growing
+    /// in place), if it holds that much. Calls nothing.
+    #[inline]
+    pub(crate) fn try_consume_bytes(&self, bc: u32, bytes: u64) -> bool {
+        self.consume(bc, pack(bytes, 0))
+    }
+
+    /// Owner: takes packed `amount` from the entry of `bc`, if it holds that much.
+    #[inline(always)]
+    fn consume(&self, bc: u32, amount: u64) -> bool {
         self.fast(|| {
             let e = self.entry(bc);
-            let left = e.take.load(Relaxed).wrapping_sub(unit(bytes));
+            let left = e.take.load(Relaxed).wrapping_sub(amount);
             if e.bc.load(Relaxed) != bc || left & SIGNS != 0 {
                 return false;
             }
@@ -420,24 +433,31 @@ impl StockSlot {
         self.lock.store(0, Release);
     }
 
-    /// Owner, slow path of an allocation of `bytes` for `bc`, checked with `Limit`, that the
+    /// Owner, slow path of an allocation of `bytes` and `objs` objects (1 for a new block,
+    /// 0 for a block of pages growing in place) for `bc`, checked with `Limit`, that the
     /// fast path refused: served from the entry if it holds enough
     /// ([`take_slow`](Self::take_slow)), or charged with a refill
     /// ([`charge_slow`](Self::charge_slow)). Returns whether a sample point falls in it.
     /// Tentative, as `charge_slow`.
-    pub(crate) fn alloc_slow(&self, reg: &Registry, bc: u32, bytes: u64) -> Result<bool, Exceeded> {
-        let t = self.take_slow(bc, bytes);
+    pub(crate) fn alloc_slow(
+        &self,
+        reg: &Registry,
+        bc: u32,
+        bytes: u64,
+        objs: u64,
+    ) -> Result<bool, Exceeded> {
+        let t = self.take_slow(bc, bytes, objs);
         if t.served {
             return Ok(t.sampled);
         }
-        self.charge_slow(reg, bc, bytes, Severity::Limit, t.until)
+        self.charge_slow(reg, bc, bytes, objs, Severity::Limit, t.until)
             .map(|()| t.sampled)
     }
 
-    /// Owner, slow path of an allocation of `bytes` for `bc` that the fast path refused:
-    /// counts it on the entry's sample countdown, and serves it from what the entry holds
-    /// (`take`, and `back` moved into `take`) if it can.
-    pub(crate) fn take_slow(&self, bc: u32, bytes: u64) -> TakeSlow {
+    /// Owner, slow path of an allocation of `bytes` and `objs` objects for `bc` that the
+    /// fast path refused: counts it on the entry's sample countdown, and serves it from what
+    /// the entry holds (`take`, and `back` moved into `take`) if it can.
+    pub(crate) fn take_slow(&self, bc: u32, bytes: u64, objs: u64) -> TakeSlow {
         self.lock();
         if self.epoch.load(Relaxed) != sampling::epoch() {
             self.redraw();
@@ -451,12 +471,12 @@ impl StockSlot {
             self.draw()
         };
         let (sampled, until) = sampling::count(point, bytes, || self.draw());
-        let (mem, objs) = e.held();
-        let served = mine && mem >= bytes && objs > 0;
+        let (held, held_objs) = e.held();
+        let served = mine && held >= bytes && held_objs >= objs;
         if served {
-            e.hold(mem - bytes, objs - 1, until);
+            e.hold(held - bytes, held_objs - objs, until);
         } else if mine {
-            e.hold(mem, objs, until);
+            e.hold(held, held_objs, until);
         }
         self.unlock();
         TakeSlow {
@@ -494,10 +514,10 @@ impl StockSlot {
         }
     }
 
-    /// Owner, slow path: charges `bytes` and one object to `bc`, refilling its entry with a
-    /// batch on top when `severity` is `Limit` and the headroom allows (evicting another
-    /// beancounter's entry first). Tentative: a refusal here is not counted, the caller
-    /// decides (after reclaiming stocks).
+    /// Owner, slow path: charges `bytes` and `objs` objects to `bc`, refilling its entry
+    /// with a batch on top when `severity` is `Limit` and the headroom allows (evicting
+    /// another beancounter's entry first). Tentative: a refusal here is not counted, the
+    /// caller decides (after reclaiming stocks).
     ///
     /// `until` is the sample countdown [`take_slow`](Self::take_slow) left for the entry.
     pub(crate) fn charge_slow(
@@ -505,29 +525,30 @@ impl StockSlot {
         reg: &Registry,
         bc: u32,
         bytes: u64,
+        objs: u64,
         severity: Severity,
         until: u64,
     ) -> Result<(), Exceeded> {
         self.lock();
         let e = self.entry(bc);
-        let (mem, objs) = if severity == Severity::Limit {
+        let (mem, more) = if severity == Severity::Limit {
             batch(reg, bc)
         } else {
             (0, 0)
         };
-        let result = match charge_pair_counted(reg, bc, bytes + mem, 1 + objs, severity, false) {
-            Ok(()) if mem + objs > 0 => {
+        let result = match charge_pair_counted(reg, bc, bytes + mem, objs + more, severity, false) {
+            Ok(()) if mem + more > 0 => {
                 if e.bc.load(Relaxed) != bc {
                     e.give_back(reg);
                 }
                 // Owner under its own lock: no reclaimer is at work on this slot.
                 let (held, held_objs) = e.held();
-                e.hold(held + mem, held_objs + objs, until);
+                e.hold(held + mem, held_objs + more, until);
                 e.bc.store(bc, Relaxed);
                 Ok(())
             }
             Ok(()) => Ok(()),
-            Err(_) if mem + objs > 0 => charge_pair_counted(reg, bc, bytes, 1, severity, false),
+            Err(_) if mem + more > 0 => charge_pair_counted(reg, bc, bytes, objs, severity, false),
             Err(e) => Err(e),
         };
         self.unlock();

@@ -12,7 +12,7 @@ use super::registry::registry;
 use super::sampling;
 use super::stock::{charge_pair, charge_pair_counted, charge_pair_undo, GiveBack, StockSlot};
 use super::stock::{ALLOCATIONS, MEMORY, NONE};
-use super::types::{Exceeded, Severity, MAX_DEPTH};
+use super::types::{Exceeded, Resource, Severity, MAX_DEPTH};
 use crate::sync::{AtomicPtr, AtomicUsize, Mutex, Ordering};
 use core::cell::Cell;
 use core::ptr;
@@ -147,12 +147,12 @@ pub(crate) fn charge_object_slow(
     let bc = reg.charge_target(bc);
     claim_mine();
     let (first, sampled) = match mine() {
-        Some(s) if severity == Severity::Limit => match s.alloc_slow(reg, bc, bytes) {
+        Some(s) if severity == Severity::Limit => match s.alloc_slow(reg, bc, bytes, 1) {
             Ok(sampled) => return Ok((bc, sampled)),
             Err(e) => (Err(e), false),
         },
         Some(s) => (
-            s.charge_slow(reg, bc, bytes, severity, sampling::OFF),
+            s.charge_slow(reg, bc, bytes, 1, severity, sampling::OFF),
             sample_direct(bytes),
         ),
         None => (
@@ -163,6 +163,36 @@ pub(crate) fn charge_object_slow(
     first
         .or_else(|e| reclaim_and_retry(e, bc, bytes, 1, severity))
         .map(|()| (bc, sampled))
+}
+
+/// Charges `bytes` of `Memory` and no object to `bc` for one of its blocks of pages growing
+/// in place, checked as charge key `key` (`bc` with its severity) says: from this thread's
+/// entry for `bc` like an object's charge (with a refill when it holds too little), or
+/// directly when the thread has no entry to use (no stock, a severity other than `Limit`,
+/// `bc` retired). Tentative: a refusal is not counted and reclaims nothing, since moving the
+/// block may still succeed and decides. Returns whether a heap-profile sample point falls in
+/// the growth.
+#[inline]
+pub(crate) fn charge_growth(key: u32, bytes: u64) -> Result<bool, Exceeded> {
+    if mine_or_closed().try_consume_bytes(key, bytes) {
+        return Ok(false);
+    }
+    charge_growth_slow(key, bytes)
+}
+
+#[cold]
+#[inline(never)]
+fn charge_growth_slow(key: u32, bytes: u64) -> Result<bool, Exceeded> {
+    let (bc, severity) = super::context::split(key);
+    let reg = registry();
+    match mine() {
+        Some(s) if severity == Severity::Limit && reg.charge_target(bc) == bc => {
+            s.alloc_slow(reg, bc, bytes, 0)
+        }
+        _ => reg
+            .charge_counted(bc, Resource::Memory, MEMORY, bytes, severity, false)
+            .map(|()| false),
+    }
 }
 
 /// Counts `bytes` allocated by this thread outside its stock entries (checked against a

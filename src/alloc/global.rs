@@ -63,8 +63,10 @@
 //! its fast path before the point, see `stock.rs`); there [`sample_small`] and
 //! [`sample_big`] record it (`profile/samples.rs`) and set [`SAMPLED`] in its tag. No stock
 //! entry holds a tag with that bit, so its free takes the slow path too, which forgets the
-//! sample and uncharges the tag without it. A sampled block never resizes in place (its tag
-//! is not the current beancounter's): it moves, so its sample's size stays true.
+//! sample and uncharges the tag without it. A sampled slab object never resizes in place
+//! (its tag is not the current beancounter's): it moves. A sampled block of pages resizes in
+//! place like any other, and its sample takes the new size; its growth is counted on the
+//! stock's sample countdown like an allocation, and a point falling in it samples the block.
 
 use super::page_map::{self, Owner};
 use super::run::{self, Kind, LARGE_MAX, MAX_ALIGN};
@@ -256,7 +258,8 @@ fn sample_small(p: *mut u8, bc: u32) -> *mut u8 {
     p
 }
 
-/// Block `p` of pages (or null) holds a sample point: recorded, and tagged.
+/// Block `p` of pages (or null) holds a sample point: recorded, and tagged (once: a block
+/// already sampled keeps its sample).
 #[cold]
 #[inline(never)]
 fn sample_big(p: *mut u8) -> *mut u8 {
@@ -267,7 +270,7 @@ fn sample_big(p: *mut u8) -> *mut u8 {
             Owner::Huge(head) => (&head.tag, head.charged.get()),
             Owner::Slab => return p,
         };
-        if record_sample(p, charged as u64, tag.get()) {
+        if tag.get() & SAMPLED == 0 && record_sample(p, charged as u64, tag.get()) {
             tag.set(tag.get() | SAMPLED);
         }
     }
@@ -280,6 +283,18 @@ fn sample_big(p: *mut u8) -> *mut u8 {
 fn record_sample(p: *mut u8, bytes: u64, bc: u32) -> bool {
     let mean = crate::accounting::sampling::mean();
     mean != 0 && crate::profile::samples::record(p as usize, bytes, bc, mean)
+}
+
+/// Block `p` of pages, whose tag carries [`SAMPLED`], was resized in place to `bytes`: its
+/// sample follows, so that it stands for what the block holds now (the growth went through
+/// the same sample countdown as any allocation, see `stock::charge_growth`).
+#[cold]
+#[inline(never)]
+fn resize_sample(p: *mut u8, bytes: usize) {
+    #[cfg(feature = "profile")]
+    crate::profile::samples::resize(p as usize, bytes as u64);
+    #[cfg(not(feature = "profile"))]
+    let _ = (p, bytes);
 }
 
 /// Block `p`, whose tag carries [`SAMPLED`], is being freed: its sample goes.
@@ -488,36 +503,40 @@ unsafe fn reallocate(ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
 unsafe fn realloc_big(ptr: *mut u8, layout: Layout, new_size: usize, key: u32) -> *mut u8 {
     let align = layout.align();
     let (bc, severity) = context::split(key);
+    // A sample point fell in a growth that could not be made in place.
+    let mut moved_sampled = false;
     match page_map::owner_of(ptr) {
         Owner::Large(r)
-            if r.tag.get() == bc && new_size > size_class::SMALL_MAX && new_size <= LARGE_MAX =>
+            if r.tag.get() & !SAMPLED == bc
+                && new_size > size_class::SMALL_MAX
+                && new_size <= LARGE_MAX =>
         {
             let (have, want) = (r.charged.get(), new_size.next_multiple_of(PAGE));
+            let resampled = r.tag.get() & SAMPLED != 0;
             if want <= have {
                 run::shrink_in_place(r, want / PAGE);
                 r.charged.set(want);
+                if resampled {
+                    resize_sample(ptr, want);
+                }
                 registry().uncharge(bc, 0, (have - want) as u64);
                 return ptr;
             }
-            let reg = registry();
-            // Tentative: if growing in place is refused, moving may still succeed (after
-            // stocks are reclaimed), and only that decides whether the request is refused.
-            if reg
-                .charge_counted(
-                    bc,
-                    Resource::Memory,
-                    0,
-                    (want - have) as u64,
-                    severity,
-                    false,
-                )
-                .is_ok()
-            {
-                if run::grow_in_place(r, want / PAGE) {
+            // Charged through the stock like an object (a block grown a page at a time is
+            // charged as often); tentative: if growing in place is refused, moving may still
+            // succeed (after stocks are reclaimed), and only that decides.
+            if let Ok(sampled) = stock::charge_growth(key, (want - have) as u64) {
+                // The run's reserve (see `run::grow_in_place`) is the block's own: growing
+                // into it takes no lock.
+                if want <= r.bytes() || run::grow_in_place(r, want / PAGE) {
                     r.charged.set(want);
-                    return ptr;
+                    if resampled {
+                        resize_sample(ptr, want);
+                    }
+                    return if sampled { sample_big(ptr) } else { ptr };
                 }
-                reg.uncharge(bc, 0, (want - have) as u64);
+                registry().uncharge(bc, 0, (want - have) as u64);
+                moved_sampled = sampled;
             }
         }
         Owner::Huge(head) if head.tag.get() == bc && new_size > LARGE_MAX => {
@@ -545,7 +564,11 @@ unsafe fn realloc_big(ptr: *mut u8, layout: Layout, new_size: usize, key: u32) -
     let Ok(new_layout) = Layout::from_size_align(new_size, align) else {
         return ptr::null_mut();
     };
-    let new = allocate(new_layout, false);
+    let mut new = allocate(new_layout, false);
+    if moved_sampled {
+        // The sample point fell in the growth refused in place: it samples the new block.
+        new = sample_big(new);
+    }
     if !new.is_null() {
         // SAFETY: both blocks are live, distinct, and at least min(old, new) bytes long.
         unsafe {

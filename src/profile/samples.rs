@@ -121,6 +121,26 @@ pub(crate) fn record(addr: usize, bytes: u64, bc: u32, mean: u64) -> bool {
     kept
 }
 
+/// The block of sample `addr` was resized in place: its sample now stands for `bytes`.
+pub(crate) fn resize(addr: usize, bytes: u64) {
+    let store = STORE.lock();
+    let Some(places) = store.places else { return };
+    let at = |i: usize| places.as_ptr().wrapping_add(i % PLACES);
+    let mut i = home(addr);
+    loop {
+        // SAFETY: `at(i)` is a place of the mapping (see `forget`), used under the lock.
+        let place = unsafe { &mut *at(i) };
+        match place.addr {
+            0 => return,
+            a if a == addr => {
+                place.bytes = bytes;
+                return;
+            }
+            _ => i = (i + 1) % PLACES,
+        }
+    }
+}
+
 /// Forgets the sample of block `addr`, if there is one (the block is being freed).
 pub(crate) fn forget(addr: usize) {
     let mut store = STORE.lock();
