@@ -54,7 +54,11 @@
 //!   charge is given back.
 //! - `realloc` in place keeps the block's owner: it happens only when the current exec
 //!   beancounter is that owner (the growth is charged to it); otherwise the block moves and
-//!   the new block is charged to the current exec beancounter like any allocation.
+//!   the new block is charged to the current exec beancounter like any allocation. A large
+//!   block's growth in place is charged through the thread's stock entry (bytes, no
+//!   object), so a block grown a page per call pays no shared atomic per step; the pages
+//!   its run keeps in reserve beyond the block are charged to nobody until it grows into
+//!   them.
 //! - The allocator's metadata (segment headers, slab tails, heaps, stock and registry tables)
 //!   is charged to nobody.
 //!

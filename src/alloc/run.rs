@@ -16,7 +16,9 @@
 //!
 //! All run changes happen under one lock. Slabs amortise it over their objects (a slab of
 //! 64-byte objects is taken once per ~250 allocations); large blocks take it on every
-//! allocation and free. Free runs are kept in bins by length.
+//! allocation and free, and a large block that `realloc` grows in place takes it about once
+//! per quarter of growth (the run keeps a reserve, see [`grow_in_place`]). Free runs are
+//! kept in bins by length.
 //!
 //! # Giving memory back: by age, within a bound
 //! A freed run is *dirty* (its pages are resident) until it is purged (`MADV_DONTNEED`, or
