@@ -516,11 +516,11 @@ unsafe fn realloc_big(ptr: *mut u8, layout: Layout, new_size: usize, key: u32) -
                 && new_size <= LARGE_MAX =>
         {
             let (have, want) = (r.charged.get(), new_size.next_multiple_of(PAGE));
-            let resampled = r.tag.get() & SAMPLED != 0;
+            let was_sampled = r.tag.get() & SAMPLED != 0;
             if want <= have {
                 run::shrink_in_place(r, want / PAGE);
                 r.charged.set(want);
-                if resampled {
+                if was_sampled {
                     resize_sample(ptr, want);
                 }
                 registry().uncharge(bc, 0, (have - want) as u64);
@@ -534,7 +534,7 @@ unsafe fn realloc_big(ptr: *mut u8, layout: Layout, new_size: usize, key: u32) -
                 // into it takes no lock.
                 if want <= r.bytes() || run::grow_in_place(r, want / PAGE) {
                     r.charged.set(want);
-                    if resampled {
+                    if was_sampled {
                         resize_sample(ptr, want);
                     }
                     return if sampled { sample_big(ptr) } else { ptr };
