@@ -211,7 +211,30 @@ pub struct ExecGuard {
 }
 
 impl Drop for ExecGuard {
+    #[inline]
     fn drop(&mut self) {
+        if let Some(fork) = self.prev_fork {
+            let c = context();
+            if c.depth.get() == self.depth && c.lent.get() == EXEC | FORK {
+                // Leaving a lent switch in order, with nothing owned to give back (nothing
+                // adopted inside it): what `in_scope` and the futures' adapters do around
+                // every call or poll, inline.
+                c.depth.set(self.depth - 1);
+                c.replace_exec(self.prev_exec);
+                c.fork.set(fork);
+                c.lent.set(self.prev_lent);
+                return;
+            }
+        }
+        self.restore();
+    }
+}
+
+impl ExecGuard {
+    /// Every other drop: references to give back (a guard from `enter`), or guards dropped
+    /// out of order.
+    #[inline(never)]
+    fn restore(&mut self) {
         let reg = registry();
         let in_order = CONTEXT
             .try_with(|c| {
@@ -282,13 +305,12 @@ fn context() -> &'static Context {
 /// each take a reference, both in one atomic operation; a lent switch takes none.
 #[inline]
 fn switch(index: u32, with_fork: bool, lent: bool) -> ExecGuard {
-    let reg = registry();
     let c = context();
     if !lent {
         // The context will own references: they go back at thread exit, if not before.
         // (A lent switch gives the context none; `adopt` inside it arms the hook itself.)
         arm_exit_hook();
-        reg.retain_n(index, 1 + with_fork as u64);
+        registry().retain_n(index, 1 + with_fork as u64);
     }
     let prev_exec = c.replace_exec(index);
     let prev_fork = with_fork.then(|| c.fork.replace(index));
@@ -540,6 +562,35 @@ mod tests {
         assert!(unwound.is_err());
         assert_eq!((exec_index(), context().fork.get()), (ROOT, ROOT));
         assert_eq!(reg.refs_of(t.index()), t0);
+    }
+
+    /// Leaving `in_scope` (inline, see `ExecGuard::drop`) puts back every part of the
+    /// context: exec with its severity, fork, depth, and which values are lent, so that the
+    /// guard around it still gives back its own references.
+    #[test]
+    fn leaving_in_scope_restores_the_whole_context() {
+        let reg = registry();
+        let (t, u) = (tenant(9106), tenant(9107));
+        let u0 = reg.refs_of(u.index());
+        let whole = || {
+            let c = context();
+            (c.key.get(), c.fork.get(), c.depth.get(), c.lent.get())
+        };
+        let g = u.enter();
+        let before = whole();
+        fallible(|| {
+            let key = context().key.get();
+            t.in_scope(|| t.in_scope(|| assert_eq!(exec_index(), t.index())));
+            assert_eq!(context().key.get(), key, "exec or severity changed");
+        });
+        assert_eq!(whole(), before);
+        drop(g);
+        assert_eq!(
+            reg.refs_of(u.index()),
+            u0,
+            "the guard's references were not given back"
+        );
+        assert_eq!((exec_index(), context().fork.get()), (ROOT, ROOT));
     }
 
     #[test]
