@@ -6,7 +6,10 @@
 mod common;
 
 use beancounter::{BeanAlloc, Resource, ResourceStat};
-use common::{charged_bytes, class_size, fill, held, tenant, verify, verify_prefix, Rng, Runner};
+use common::{
+    charged_after_realloc, charged_bytes, class_size, fill, held, tenant, verify, verify_prefix,
+    Rng, Runner,
+};
 use std::alloc::{GlobalAlloc, Layout};
 
 #[global_allocator]
@@ -30,6 +33,10 @@ fn main() {
     r.check(
         "realloc_under_another_tenant_moves_and_charges_it",
         realloc_across_tenants,
+    );
+    r.check(
+        "a_slab_object_grown_past_4_kib_becomes_a_block_of_pages",
+        grown_blocks,
     );
     // In a process of its own: whether a freed huge block stays mapped depends on the free
     // memory the process keeps, which the other checks would change.
@@ -173,7 +180,9 @@ fn every_method() {
                     assert_eq!(q as usize % align, 0, "realloc({size}, {align}) to {to}");
                     let new = Layout::from_size_align(to, align).unwrap();
                     // A slab object shrunk by at most half stays where it is, charged for
-                    // the class it occupies; every other realloc is charged for the new size.
+                    // the class it occupies; one grown past 4 KiB to a slab size moves to a
+                    // block of pages (a grown block), charged its pages; every other realloc
+                    // is charged for the new size.
                     let (old_class, new_class) = (class_size(size, align), class_size(to, align));
                     let kept = matches!((old_class, new_class),
                         (Some(o), Some(n)) if n < o && 2 * to >= o);
@@ -182,11 +191,7 @@ fn every_method() {
                         q == p && new_class < old_class,
                         "realloc({size}, {align}) to {to}"
                     );
-                    let charge = if kept {
-                        charged_bytes(layout)
-                    } else {
-                        charged_bytes(new)
-                    };
+                    let charge = charged_after_realloc(layout, charged_bytes(layout), to, q == p);
                     assert_eq!(
                         mem_allocs(&t),
                         (base.0 + charge, base.1 + 1),
@@ -342,6 +347,89 @@ fn realloc_in_place() {
         ALLOC.dealloc(r, Layout::from_size_align(24 * MIB, 8).unwrap());
     }
     assert_eq!(held(&t), base);
+}
+
+/// A slab object that `realloc` grows past 4 KiB moves to a block of pages (a grown block)
+/// charged its pages; it then grows in place, and every route that meets it with its
+/// slab-sized layout (free here and on another thread, resize under another tenant, shrink)
+/// treats it as the block of pages it is.
+fn grown_blocks() {
+    let (t, u) = (tenant(5), tenant(6));
+    let (t0, u0) = (held(&t), held(&u));
+    let l = |size| Layout::from_size_align(size, 8).unwrap();
+    let g = t.enter();
+    // SAFETY: non-zero sizes; every block is used within its size and freed with its layout.
+    unsafe {
+        let p = ALLOC.alloc(l(4096));
+        fill(p, 4096, 7);
+        assert_eq!(held(&t), (t0.0 + 4096, t0.1 + 1));
+        let q = ALLOC.realloc(p, l(4096), 5000);
+        assert_ne!(
+            q, p,
+            "a 4 KiB object grown to 5000 bytes stayed in its slab"
+        );
+        assert_eq!(
+            held(&t),
+            (t0.0 + 8192, t0.1 + 1),
+            "a grown block is charged its pages"
+        );
+        assert_eq!(
+            ALLOC.realloc(q, l(5000), 8192),
+            q,
+            "growth within its pages moved it"
+        );
+        assert_eq!(held(&t), (t0.0 + 8192, t0.1 + 1));
+        // Grown a page at a time to 32 KiB: charged exactly at every step, contents kept.
+        let mut size = 8192;
+        let mut p = q;
+        while size < 32 * KIB {
+            p = ALLOC.realloc(p, l(size), size + 4096);
+            assert!(!p.is_null());
+            size += 4096;
+            assert_eq!(held(&t), (t0.0 + size as u64, t0.1 + 1), "{size}");
+        }
+        assert_eq!(verify_prefix(p, 4096, 4096, 7), Ok(()));
+        // Freed with its slab-sized layout.
+        ALLOC.dealloc(p, l(size));
+        assert_eq!(held(&t), t0);
+
+        // Shrunk: it moves back to a slab object of the class that fits.
+        let p = ALLOC.realloc(ALLOC.alloc(l(100)), l(100), 20_000);
+        fill(p, 20_000, 8);
+        assert_eq!(held(&t), (t0.0 + 20_480, t0.1 + 1));
+        let q = ALLOC.realloc(p, l(20_000), 3000);
+        assert_ne!(
+            q, p,
+            "a grown block shrunk to a slab size stayed a block of pages"
+        );
+        assert_eq!(
+            held(&t),
+            (t0.0 + class_size(3000, 8).unwrap() as u64, t0.1 + 1)
+        );
+        assert_eq!(verify_prefix(q, 20_000, 3000, 8), Ok(()));
+        ALLOC.dealloc(q, l(3000));
+        assert_eq!(held(&t), t0);
+
+        // Resized while another tenant is current: it moves, and that tenant pays its pages.
+        let p = ALLOC.realloc(ALLOC.alloc(l(64)), l(64), 6000);
+        fill(p, 6000, 9);
+        drop(g);
+        let gu = u.enter();
+        let q = ALLOC.realloc(p, l(6000), 7000);
+        drop(gu);
+        assert_ne!(q, p);
+        assert_eq!(held(&t), t0, "the old owner still pays for the moved block");
+        assert_eq!(held(&u), (u0.0 + 8192, u0.1 + 1));
+        assert_eq!(verify(q, 6000, 9), Ok(()));
+
+        // Freed on another thread, with its slab-sized layout: its owner is uncharged.
+        let q = q as usize;
+        std::thread::spawn(move || ALLOC.dealloc(q as *mut u8, l(7000)))
+            .join()
+            .unwrap();
+        assert_eq!(held(&u), u0);
+    }
+    beancounter::check_heap().unwrap();
 }
 
 /// A block owned by tenant A, reallocated while B is current: it moves, A is uncharged, B is

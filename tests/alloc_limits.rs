@@ -55,8 +55,9 @@ fn limit(t: &beancounter::Beancounter, r: Resource, n: u64) {
     t.set_limits(r, Limits::new(n, n).unwrap()).unwrap();
 }
 
-/// A block of pages grown one page per `realloc` under a 1 MiB limit (growth in place is
-/// charged through the stock and may take the run's reserve): every step is charged exactly,
+/// A 4 KiB slab object grown one page per `realloc` under a 1 MiB limit (it becomes a block
+/// of pages at its first step, a large block past 32 KiB; growth in place is charged through
+/// the stock and may take the run's reserve): every step is charged exactly,
 /// `held` never passes the limit, the growth is refused only where the limit leaves no room
 /// (within two pages of it, or for a move, which holds both blocks) with the block intact and
 /// `held` unchanged, and freeing gives everything back.
@@ -67,7 +68,7 @@ fn page_steps_to_the_limit() {
     limit(&t, Resource::Memory, lim);
     let _g = t.enter();
     let base = held(&t);
-    let mut size = 64 * KIB as usize;
+    let mut size = 4 * KIB as usize;
     let mut l = Layout::from_size_align(size, 8).unwrap();
     // SAFETY: non-zero sizes; every block is used within its size and freed with its layout.
     unsafe {

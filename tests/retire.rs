@@ -23,7 +23,7 @@ use beancounter::{
     find_or_create, lookup, report, BcError, BcId, BeanAlloc, Beancounter, Limits, Resource,
     ResourceStat, Severity,
 };
-use common::{charged_bytes, held, tenant, Runner, SendPtr};
+use common::{charged_after_realloc, charged_bytes, held, tenant, Runner, SendPtr};
 use std::alloc::{GlobalAlloc, Layout};
 use std::sync::{Arc, Barrier, Mutex};
 use std::time::Instant;
@@ -100,6 +100,8 @@ fn main() {
 struct Block {
     p: SendPtr,
     layout: Layout,
+    /// What it is charged to `Memory`.
+    charge: u64,
 }
 
 impl Block {
@@ -114,12 +116,13 @@ impl Block {
         Block {
             p: SendPtr(p),
             layout,
+            charge: charged_bytes(layout),
         }
     }
 
     /// What the allocator charged for it: `(Memory, Allocations)`.
     fn charged(&self) -> (u64, u64) {
-        (charged_bytes(self.layout), 1)
+        (self.charge, 1)
     }
 
     /// Grows it with `realloc` (in place or moved, charged to the current tenant either
@@ -129,6 +132,7 @@ impl Block {
         // the alignment, does not overflow.
         let p = unsafe { ALLOC.realloc(self.p.0, self.layout, new_size) };
         assert!(!p.is_null(), "realloc to {new_size} returned null");
+        self.charge = charged_after_realloc(self.layout, self.charge, new_size, p == self.p.0);
         self.p = SendPtr(p);
         self.layout = Layout::from_size_align(new_size, self.layout.align()).unwrap();
     }

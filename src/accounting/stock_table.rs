@@ -174,10 +174,18 @@ pub(crate) fn charge_object_slow(
 /// the growth.
 #[inline]
 pub(crate) fn charge_growth(key: u32, bytes: u64) -> Result<bool, Exceeded> {
-    if mine_or_closed().try_consume_bytes(key, bytes) {
+    if try_charge_growth(key, bytes) {
         return Ok(false);
     }
     charge_growth_slow(key, bytes)
+}
+
+/// The fast path of [`charge_growth`] alone: takes `bytes` from this thread's entry for
+/// charge key `key` if it holds that much (never with a sample point in them); false, with
+/// nothing charged, otherwise.
+#[inline(always)]
+pub(crate) fn try_charge_growth(key: u32, bytes: u64) -> bool {
+    mine_or_closed().try_consume_bytes(key, bytes)
 }
 
 #[cold]

@@ -59,6 +59,14 @@
 //!   object), so a block grown a page per call pays no shared atomic per step; the pages
 //!   its run keeps in reserve beyond the block are charged to nobody until it grows into
 //!   them.
+//! - A slab object that `realloc` grows past 4 KiB ([`GROWN_FROM`]) moves to a block of
+//!   pages, a *grown block*, charged its pages like a large block: a buffer grown in steps
+//!   then grows in place in its run (into the run's reserve, or the free pages after it)
+//!   instead of being copied into each larger class and again into a run past 32 KiB. Its
+//!   layout still has a slab's size, so its free finds a stand-in `Slab` where a slab
+//!   object's free looks (`Slab::mark_grown`), tagged so that the free leaves the fast path
+//!   at its first test and goes to the block of pages. Allocations, and resizes that do not
+//!   grow, take the slab class that fits.
 //! - The allocator's metadata (segment headers, slab tails, heaps, stock and registry tables)
 //!   is charged to nobody.
 //!
@@ -368,14 +376,7 @@ fn alloc_pages(bc: u32, severity: Severity, size: usize, align: usize, zero: boo
         return ptr::null_mut();
     };
     if bytes <= LARGE_MAX {
-        if let Some((r, zeroed)) = run::alloc_run(bytes / PAGE, align.max(PAGE), Kind::Large) {
-            r.tag.set(bc);
-            r.charged.set(bytes);
-            let p = run::head_of(r as *const run::Run as *const u8).run_start(r);
-            if zero && !zeroed {
-                // SAFETY: `p` starts a fresh run of `bytes` bytes.
-                unsafe { ptr::write_bytes(p, 0, bytes) };
-            }
+        if let Some((_, p)) = take_run(bc, bytes, align, zero) {
             return p;
         }
         // No segment can hold the run with its alignment slack: map it on its own.
@@ -396,6 +397,25 @@ fn alloc_pages(bc: u32, severity: Severity, size: usize, align: usize, zero: boo
             ptr::null_mut()
         }
     }
+}
+
+/// A large run of `bytes` bytes aligned to `align`, for a block charged to `bc` (zeroed if
+/// `zero`): the run and the block's start.
+fn take_run(
+    bc: u32,
+    bytes: usize,
+    align: usize,
+    zero: bool,
+) -> Option<(&'static run::Run, *mut u8)> {
+    let (r, zeroed) = run::alloc_run(bytes / PAGE, align.max(PAGE), Kind::Large)?;
+    r.tag.set(bc);
+    r.charged.set(bytes);
+    let p = run::head_of(r as *const run::Run as *const u8).run_start(r);
+    if zero && !zeroed {
+        // SAFETY: `p` starts a fresh run of `bytes` bytes.
+        unsafe { ptr::write_bytes(p, 0, bytes) };
+    }
+    Some((r, p))
 }
 
 /// Uncharges block `p` of pages, tagged `tag`, being freed; forgets its sample if it has one.
@@ -451,6 +471,10 @@ unsafe fn free_small(slab: &'static Slab, ptr: *mut u8) {
 #[inline(never)]
 unsafe fn free_small_slow(outcome: GiveBack, slab: &'static Slab, ptr: *mut u8) {
     let (bc, bytes) = (slab.tag(ptr), slab.size() as u64);
+    if bc == slab::GROWN {
+        // A grown block: the stand-in's tag matched no stock entry.
+        return free_big(ptr);
+    }
     arm_exit_hook();
     if bc & SAMPLED != 0 {
         unsample(ptr);
@@ -485,34 +509,79 @@ fn unreachable_slab() {
     std::process::abort();
 }
 
+/// Routes by the layout alone, to two functions with frames of their own: this one keeps
+/// none, so that neither kind of block pays the other's register saves.
+///
 /// # Safety
 /// As `GlobalAlloc::realloc`.
+#[inline(always)]
 unsafe fn reallocate(ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
-    let key = context::charge_key();
     if size_class::class_for(layout.size(), layout.align()).is_some() {
         // SAFETY: as for this function; the layout says it is a slab object.
-        return unsafe { realloc_small(page_map::slab_of(ptr), ptr, layout, new_size, key) };
+        return unsafe { realloc_object(ptr, layout, new_size) };
     }
     // SAFETY: as for this function; the layout says it is a block of pages.
-    unsafe { realloc_big(ptr, layout, new_size, key) }
+    unsafe { realloc_big(ptr, layout, new_size) }
+}
+
+/// # Safety
+/// As `GlobalAlloc::realloc`, with `ptr` a slab object.
+#[inline(never)]
+unsafe fn realloc_object(ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+    let slab = page_map::slab_of(ptr);
+    if slab.is_grown() {
+        // SAFETY: as for this function; `ptr` is a grown block, a block of pages.
+        return unsafe { realloc_big(ptr, layout, new_size) };
+    }
+    // SAFETY: as for this function.
+    unsafe { realloc_small(slab, ptr, layout, new_size, context::charge_key()) }
 }
 
 /// Resizes block of pages `ptr`: in place when the current exec beancounter (of charge key
 /// `key`) owns it and the run or mapping can change size, else by moving it. Out of line,
 /// so that the slab objects' `realloc` (most of them) keeps a small frame.
 ///
+/// The common step of a growing buffer is served first, in a frame of its own: a large
+/// block, not sampled, of the current beancounter checked with `Limit` (its tag equals the
+/// key), growing into its run's reserve, with the growth in the thread's stock entry.
+///
 /// # Safety
 /// As `GlobalAlloc::realloc`, with `ptr` a block of pages.
 #[inline(never)]
-unsafe fn realloc_big(ptr: *mut u8, layout: Layout, new_size: usize, key: u32) -> *mut u8 {
+unsafe fn realloc_big(ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+    let key = context::charge_key();
+    if let Owner::Large(r) = page_map::owner_of(ptr) {
+        let (have, want) = (r.charged.get(), new_size.next_multiple_of(PAGE));
+        // `have` is more than `SMALL_MAX` (a large block) and `r.bytes()` at most
+        // `LARGE_MAX`, so the sizes are a large block's.
+        if r.tag.get() == key
+            && want > have
+            && want <= r.bytes()
+            && stock::try_charge_growth(key, (want - have) as u64)
+        {
+            r.charged.set(want);
+            return ptr;
+        }
+    }
+    // SAFETY: as for this function.
+    unsafe { resize_big(ptr, layout, new_size, key) }
+}
+
+/// [`realloc_big`] for every case but the common step of a growing buffer.
+///
+/// # Safety
+/// As `GlobalAlloc::realloc`, with `ptr` a block of pages.
+#[inline(never)]
+unsafe fn resize_big(ptr: *mut u8, layout: Layout, new_size: usize, key: u32) -> *mut u8 {
     let align = layout.align();
     let (bc, severity) = context::split(key);
     // A sample point fell in a growth that could not be made in place.
     let mut moved_sampled = false;
     match page_map::owner_of(ptr) {
+        // In place when it stays a large block's size, or when a grown block grows.
         Owner::Large(r)
             if r.tag.get() & !SAMPLED == bc
-                && new_size > size_class::SMALL_MAX
+                && (new_size > size_class::SMALL_MAX || new_size > layout.size())
                 && new_size <= LARGE_MAX =>
         {
             let (have, want) = (r.charged.get(), new_size.next_multiple_of(PAGE));
@@ -568,7 +637,11 @@ unsafe fn realloc_big(ptr: *mut u8, layout: Layout, new_size: usize, key: u32) -
     let Ok(new_layout) = Layout::from_size_align(new_size, align) else {
         return ptr::null_mut();
     };
-    let mut new = allocate(new_layout, false);
+    let mut new = if grows_to_pages(layout, new_size) {
+        alloc_grown(key, new_size)
+    } else {
+        allocate_key(key, new_layout, false)
+    };
     if moved_sampled {
         // The sample point fell in the growth refused in place: it samples the new block.
         new = sample_big(new);
@@ -586,7 +659,8 @@ unsafe fn realloc_big(ptr: *mut u8, layout: Layout, new_size: usize, key: u32) -
 /// Resizes slab object `ptr` of `slab`. It stays in place when the current exec
 /// beancounter owns it and the new size fits its class without leaving more than half of
 /// it unused (what it is charged does not change); otherwise it moves to a block charged to
-/// the current exec beancounter. `key` is the thread's charge key.
+/// the current exec beancounter, with room to grow again if it grew (see [`grown_class`]).
+/// `key` is the thread's charge key.
 ///
 /// # Safety
 /// As `GlobalAlloc::realloc`, with `ptr` an object of `slab`.
@@ -607,6 +681,7 @@ unsafe fn realloc_small(
         }
     }
     let new = match new_class {
+        Some(_) if grows_to_pages(layout, new_size) => alloc_grown(key, new_size),
         Some(c) => alloc_small(key, c, false),
         None if Layout::from_size_align(new_size, layout.align()).is_ok() => {
             alloc_big(bc, severity, new_size, layout.align(), false)
@@ -622,6 +697,42 @@ unsafe fn realloc_small(
         }
     }
     new
+}
+
+/// Whether a block of `layout` that `realloc` resizes to `new_size` and cannot keep in
+/// place moves to a grown block: it grows, past [`GROWN_FROM`], to a size a slab serves.
+#[inline]
+fn grows_to_pages(layout: Layout, new_size: usize) -> bool {
+    new_size > layout.size()
+        && new_size > GROWN_FROM
+        && size_class::class_for(new_size, layout.align()).is_some()
+}
+
+/// A slab object that `realloc` grows past this many bytes moves to a grown block.
+pub(crate) const GROWN_FROM: usize = PAGE;
+
+/// A grown block of `size` bytes (see the module docs), charged like a large block to the
+/// beancounter and severity of charge key `key`. Null if the charge is refused or the OS
+/// gives no memory.
+#[cold]
+#[inline(never)]
+fn alloc_grown(key: u32, size: usize) -> *mut u8 {
+    let (bc, severity) = context::split(key);
+    let bytes = size.next_multiple_of(PAGE);
+    let Ok(bc) = stock::charge_block(bc, bytes as u64, 1, severity) else {
+        return ptr::null_mut();
+    };
+    let Some((r, p)) = take_run(bc, bytes, PAGE, false) else {
+        uncharge(bc, bytes);
+        return ptr::null_mut();
+    };
+    let head = run::head_of(p);
+    // SAFETY: the payload space of `r`, a large run just taken.
+    unsafe { Slab::mark_grown(head.payload_for_sized_free(r)) };
+    if crate::accounting::sampling::mean() != 0 && stock::sample_direct(bytes as u64) {
+        return sample_big(p);
+    }
+    p
 }
 
 // ---- thread start and exit, fork ---------------------------------------------------------

@@ -49,7 +49,8 @@
 //! after the header; no two free runs are adjacent; every free run is in the bin of its
 //! length; `back[first] == 0` and `back[last] == pages - 1` for every run, and
 //! `back[p] == p - first` for every page of a slab (and `slab_at[p]` is where the slab's
-//! payload is, checked by `Slab::check_invariants`).
+//! payload is, checked by `Slab::check_invariants`; a large run's first page has it too when
+//! the run holds a grown block, see [`SegmentHead::payload_for_sized_free`]).
 
 use crate::os::{self, PAGE};
 use crate::sync::{AtomicU64, Mutex, Ordering};
@@ -144,9 +145,10 @@ struct Segment {
     /// `back[p]`: how many pages before `p` its run starts (set for the first and last
     /// page of every run, and for every page of a slab).
     back: [Cell<u16>; PAGES],
-    /// `slab_at[p]`, for every page `p` of a slab run: where the run's payload space is, as
-    /// an offset from the segment's base. The sized free of a slab object goes from its
-    /// address to its `Slab` with one load (`back` would take a second step).
+    /// `slab_at[p]`, for every page `p` of a slab run (and the first page of a large run
+    /// holding a grown block): where the run's payload space is, as an offset from the
+    /// segment's base. The sized free of a slab object goes from its address to its `Slab`
+    /// with one load (`back` would take a second step).
     slab_at: [Cell<u32>; PAGES],
     runs: [Run; PAGES],
     payload: [Payload; PAGES],
@@ -382,6 +384,17 @@ impl SegmentHead {
     pub(crate) fn slab_payload_of(&self, ptr: *const u8) -> *mut u8 {
         let page = ((ptr as usize - self.base()) >> 12) & (PAGES - 1);
         (self.base() + self.segment().slab_at[page].get() as usize) as *mut u8
+    }
+
+    /// Points the sized free of large block `run` (its first page) at the run's payload
+    /// space, as a slab object's is (`slab_at`), and returns that space: for a block of pages
+    /// whose layout has a slab's size (a *grown block*, see `global.rs`). By the run's owner;
+    /// `slab_at` of a page is read only by the sized free of a block on it.
+    pub(crate) fn payload_for_sized_free(&self, run: &Run) -> *mut u8 {
+        let first = self.page_of(run);
+        let payload = core::mem::offset_of!(Segment, payload) + first * RUN_PAYLOAD;
+        self.segment().slab_at[first].set(payload as u32);
+        self.payload(run)
     }
 
     /// The payload space of `run`.

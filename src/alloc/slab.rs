@@ -104,28 +104,55 @@ pub(crate) const MIXED: u32 = u32::MAX;
 /// `sole` of a new slab: the first object's tag is taken as the slab's.
 const UNTAGGED: u32 = u32::MAX - 1;
 
+/// `sole` of the stand-in slab of a block of pages that a slab-sized layout names (see
+/// [`Slab::mark_grown`]). Never a tag a stock entry holds, so its free leaves the fast path.
+pub(crate) const GROWN: u32 = u32::MAX - 2;
+
 /// The slab that owns nothing: every bin starts with it, so the allocation fast path needs
 /// no null check (an empty slab simply fails over to the slow path).
-pub(crate) static EMPTY: Slab = Slab {
-    free: Cell::new(ptr::null_mut()),
-    used: Cell::new(0),
-    bump: Cell::new(0),
-    capacity: 0,
-    size: 0,
-    magic: 0,
-    base: ptr::null_mut(),
-    tags: ptr::null_mut(),
-    class: 0,
-    _line: LineBreak,
-    fresh: Cell::new(false),
-    place: Cell::new(Place::Current),
-    next: Cell::new(ptr::null_mut()),
-    prev: Cell::new(ptr::null_mut()),
-    owner: AtomicUsize::new(0),
-    sole: AtomicU32::new(UNTAGGED),
-};
+pub(crate) static EMPTY: Slab = Slab::stand_in(UNTAGGED);
 
 impl Slab {
+    /// A slab of no objects and no run, whose one tag is `sole`.
+    const fn stand_in(sole: u32) -> Slab {
+        Slab {
+            free: Cell::new(ptr::null_mut()),
+            used: Cell::new(0),
+            bump: Cell::new(0),
+            capacity: 0,
+            size: 0,
+            magic: 0,
+            base: ptr::null_mut(),
+            tags: ptr::null_mut(),
+            class: 0,
+            _line: LineBreak,
+            fresh: Cell::new(false),
+            place: Cell::new(Place::Current),
+            next: Cell::new(ptr::null_mut()),
+            prev: Cell::new(ptr::null_mut()),
+            owner: AtomicUsize::new(0),
+            sole: AtomicU32::new(sole),
+        }
+    }
+
+    /// Writes a stand-in slab tagged [`GROWN`] in `payload`, the payload space of a large
+    /// run whose sized free leads there (`run::SegmentHead::payload_for_sized_free`): a
+    /// free or `realloc` whose layout says "slab object" finds it, sees [`GROWN`], and
+    /// treats the block as the block of pages it is.
+    ///
+    /// # Safety
+    /// `payload` is the payload space of a large run the caller owns.
+    pub(crate) unsafe fn mark_grown(payload: *mut u8) {
+        // SAFETY: RUN_PAYLOAD bytes, 64-aligned, the caller's with its run.
+        unsafe { (payload as *mut Slab).write(Slab::stand_in(GROWN)) };
+    }
+
+    /// Whether this is the stand-in of a grown block ([`Slab::mark_grown`]).
+    #[inline]
+    pub(crate) fn is_grown(&self) -> bool {
+        self.sole.load(Ordering::Relaxed) == GROWN
+    }
+
     /// Takes a run for a new slab of `class`, owned by `owner`.
     pub(crate) fn create(class: usize, owner: usize) -> Option<&'static Slab> {
         let k: &Class = &CLASSES[class];

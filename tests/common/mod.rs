@@ -159,6 +159,28 @@ pub fn charged_bytes(layout: Layout) -> u64 {
     }
 }
 
+/// What a block of layout `old`, charged `charge` bytes of `Memory`, is charged after
+/// `realloc` to `new_size` by the tenant that owns it, `in_place` or moved. In place, a slab
+/// object keeps its class's charge and a block of pages is charged its new pages. Moved, a
+/// slab object grown past 4 KiB to a size a slab serves becomes a block of pages (a grown
+/// block) charged its pages; anything else is charged as a block of the new layout.
+pub fn charged_after_realloc(old: Layout, charge: u64, new_size: usize, in_place: bool) -> u64 {
+    let pages = new_size.next_multiple_of(4096) as u64;
+    let new_class = class_size(new_size, old.align());
+    if in_place {
+        // A slab object stays only within the class it occupies (its charge); a grown block
+        // growing in place is charged its pages, as a large block resized in place is.
+        return match class_size(old.size(), old.align()) {
+            Some(_) if new_size as u64 <= charge => charge,
+            _ => pages,
+        };
+    }
+    if new_size > old.size() && new_size > 4096 && new_class.is_some() {
+        return pages;
+    }
+    charged_bytes(Layout::from_size_align(new_size, old.align()).unwrap())
+}
+
 /// xorshift64*: deterministic, allocation-free.
 #[derive(Clone, Debug)]
 pub struct Rng(u64);

@@ -11,7 +11,9 @@
 //! during the run (`lifecycle.rs`): what a retired incarnation's blocks are charged belongs to
 //! its parent's `own` from then on.
 
-use crate::common::{all_zero, charged_bytes, fill, verify, verify_prefix, Rng, SendPtr};
+use crate::common::{
+    all_zero, charged_after_realloc, charged_bytes, fill, verify, verify_prefix, Rng, SendPtr,
+};
 use crate::lifecycle::{Counted, Life};
 use crate::A;
 use beancounter::{BcError, BcId, Limits, Resource, Severity, MAX};
@@ -634,14 +636,11 @@ impl Shared {
         }
         self.tally.add(Count::Realloc, 1);
         let layout = Layout::from_size_align(new_size, b.layout.align()).unwrap();
-        // A slab object resized in place (within its class, or shrunk by at most half)
-        // keeps the charge of the class it occupies.
-        let small = |l: Layout| l.size() <= 32 * KIB && l.align() <= 4 * KIB;
-        let in_place = q == b.p.0 && small(b.layout) && small(layout);
-        let charge = if in_place {
-            b.charge
-        } else {
-            charge_of(layout)
+        // In place, a slab object keeps its class's charge; a slab object grown past 4 KiB
+        // moves to a block of pages (`common::charged_after_realloc`).
+        let charge = {
+            let _exec = beancounter::root().enter_exec();
+            charged_after_realloc(b.layout, b.charge, new_size, q == b.p.0)
         };
         let moved = self.adopt_charged(&life, q, layout, owner, inc, charge);
         // The old block leaves the ledger under its own owner's lock (not nested in this one).
