@@ -38,6 +38,12 @@ fn main() {
         "a_slab_object_grown_past_4_kib_becomes_a_block_of_pages",
         grown_blocks,
     );
+    // In a process of its own: the holes it makes must be the only ones.
+    r.isolated(
+        "a_block_grown_a_page_at_a_time_moves_rarely_in_a_heap_with_holes",
+        60,
+        growth_among_holes,
+    );
     // In a process of its own: whether a freed huge block stays mapped depends on the free
     // memory the process keeps, which the other checks would change.
     r.isolated(
@@ -430,6 +436,58 @@ fn grown_blocks() {
         assert_eq!(held(&u), u0);
     }
     beancounter::check_heap().unwrap();
+}
+
+/// A heap with holes of 8 KiB and 40-64 KiB between live blocks, then one block grown from
+/// 4 KiB to 1 MiB a page per `realloc`: placed by best fit, each move would land it in the
+/// next hole just large enough (about 20 moves, each a copy); placed for growth, at the
+/// front of a free run four times its size, it moves a few times at most. Charged exactly
+/// throughout, contents kept.
+fn growth_among_holes() {
+    let t = tenant(10);
+    let _g = t.enter();
+    let base = held(&t);
+    let l = |size| Layout::from_size_align(size, 8).unwrap();
+    let mut live = Vec::with_capacity(2000);
+    for i in 0..2000usize {
+        let size = if i % 3 == 0 {
+            8192
+        } else {
+            40_000 + (i % 7) * 4096
+        };
+        // SAFETY: a non-zero size.
+        let p = unsafe { ALLOC.alloc(l(size)) };
+        assert!(!p.is_null());
+        live.push((p, size));
+    }
+    for &(p, size) in live.iter().step_by(2) {
+        // SAFETY: allocated above with this layout, freed once (the odd ones stay).
+        unsafe { ALLOC.dealloc(p, l(size)) };
+    }
+    let holes = held(&t);
+    let mut moves = 0;
+    // SAFETY: every block is used within its size and freed with its layout.
+    unsafe {
+        let mut size = 4096;
+        let mut p = ALLOC.alloc(l(size));
+        fill(p, size, 11);
+        while size < MIB {
+            let q = ALLOC.realloc(p, l(size), size + 4096);
+            assert!(!q.is_null());
+            moves += usize::from(q != p && size > 4096);
+            p = q;
+            size += 4096;
+            assert_eq!(held(&t), (holes.0 + size as u64, holes.1 + 1), "{size}");
+        }
+        assert_eq!(verify_prefix(p, 4096, 4096, 11), Ok(()));
+        ALLOC.dealloc(p, l(size));
+        for &(p, size) in live.iter().skip(1).step_by(2) {
+            ALLOC.dealloc(p, l(size));
+        }
+    }
+    drop(live);
+    assert_eq!(held(&t), base);
+    assert!(moves <= 3, "grown to 1 MiB among holes with {moves} moves");
 }
 
 /// A block owned by tenant A, reallocated while B is current: it moves, A is uncharged, B is

@@ -681,7 +681,7 @@ unsafe fn realloc_small(
         }
     }
     let new = match new_class {
-        Some(_) if grows_to_pages(layout, new_size) => alloc_grown(key, new_size),
+        _ if grows_to_pages(layout, new_size) => alloc_grown(key, new_size),
         Some(c) => alloc_small(key, c, false),
         None if Layout::from_size_align(new_size, layout.align()).is_ok() => {
             alloc_big(bc, severity, new_size, layout.align(), false)
@@ -700,20 +700,24 @@ unsafe fn realloc_small(
 }
 
 /// Whether a block of `layout` that `realloc` resizes to `new_size` and cannot keep in
-/// place moves to a grown block: it grows, past [`GROWN_FROM`], to a size a slab serves.
+/// place moves to a block of pages placed for growth ([`alloc_grown`]): it grows, past
+/// [`GROWN_FROM`], to a size a large run serves. A slab size makes it a grown block.
 #[inline]
 fn grows_to_pages(layout: Layout, new_size: usize) -> bool {
     new_size > layout.size()
         && new_size > GROWN_FROM
-        && size_class::class_for(new_size, layout.align()).is_some()
+        && new_size <= LARGE_MAX
+        && layout.align() <= PAGE
 }
 
 /// A slab object that `realloc` grows past this many bytes moves to a grown block.
 pub(crate) const GROWN_FROM: usize = PAGE;
 
-/// A grown block of `size` bytes (see the module docs), charged like a large block to the
-/// beancounter and severity of charge key `key`. Null if the charge is refused or the OS
-/// gives no memory.
+/// A large block of `size` bytes for a block that `realloc` grows and cannot grow in place,
+/// charged to the beancounter and severity of charge key `key`, placed where it can go on
+/// growing (`run::alloc_growing`). Of a slab size, it is a grown block (see the module
+/// docs): its stand-in slab is written here. Null if the charge is refused or the OS gives
+/// no memory.
 #[cold]
 #[inline(never)]
 fn alloc_grown(key: u32, size: usize) -> *mut u8 {
@@ -722,11 +726,14 @@ fn alloc_grown(key: u32, size: usize) -> *mut u8 {
     let Ok(bc) = stock::charge_block(bc, bytes as u64, 1, severity) else {
         return ptr::null_mut();
     };
-    let Some((r, p)) = take_run(bc, bytes, PAGE, false) else {
+    let Some((r, _)) = run::alloc_growing(bytes / PAGE) else {
         uncharge(bc, bytes);
         return ptr::null_mut();
     };
-    let head = run::head_of(p);
+    r.tag.set(bc);
+    r.charged.set(bytes);
+    let head = run::head_of(r as *const run::Run as *const u8);
+    let p = head.run_start(r);
     // SAFETY: the payload space of `r`, a large run just taken.
     unsafe { Slab::mark_grown(head.payload_for_sized_free(r)) };
     if crate::accounting::sampling::mean() != 0 && stock::sample_direct(bytes as u64) {

@@ -18,7 +18,10 @@
 //! 64-byte objects is taken once per ~250 allocations); large blocks take it on every
 //! allocation and free, and a large block that `realloc` grows in place takes it about once
 //! per quarter of growth (the run keeps a reserve, see [`grow_in_place`]). Free runs are
-//! kept in bins by length.
+//! kept in bins by length, and a run is taken from the smallest that holds it, except for a
+//! block that `realloc` grows and could not grow in place: that one goes to the front of a
+//! free run four times its size if there is one ([`alloc_growing`]), where it can keep
+//! growing in place instead of moving from hole to hole.
 //!
 //! # Giving memory back: by age, within a bound
 //! A freed run is *dirty* (its pages are resident) until it is purged (`MADV_DONTNEED`, or
@@ -589,6 +592,18 @@ impl State {
         run.zeroed.set(true);
     }
 
+    /// Carves the first `pages` pages of free `run` (unlinked) as `kind`, and purges what is
+    /// due on the way: the run and whether its pages read as zero.
+    fn take_front(&mut self, run: &'static Run, pages: usize, kind: Kind) -> (&'static Run, bool) {
+        let zeroed = run.zeroed.get();
+        self.carve(run, pages, kind);
+        let now = os::now_ms();
+        if now >= NEXT_DUE.load(Ordering::Relaxed) {
+            self.decay(now);
+        }
+        (run, zeroed)
+    }
+
     /// A free run of at least `pages` pages, unlinked.
     fn take_fit(&mut self, pages: usize) -> Option<&'static Run> {
         for b in bin_of(pages)..NUM_BINS {
@@ -769,14 +784,30 @@ pub(crate) fn alloc_run(pages: usize, align: usize, kind: Kind) -> Option<(&'sta
     } else {
         run
     };
-    let zeroed = run.zeroed.get();
-    st.carve(run, pages, kind);
-    let now = os::now_ms();
-    if now >= NEXT_DUE.load(Ordering::Relaxed) {
-        st.decay(now);
-    }
-    Some((run, zeroed))
+    Some(st.take_front(run, pages, kind))
 }
+
+/// A large run of `pages` pages for a block that `realloc` is growing and could not grow in
+/// place: at the front of a free run of at least [`GROWING_ROOM`] times as many pages when
+/// there is one, so that the block goes on growing in place into the free pages after it
+/// (which stay free for anyone meanwhile); else where [`alloc_run`] puts any run. The best
+/// fit would put it in the smallest hole that holds it, from which the next step of its
+/// growth must move it again.
+pub(crate) fn alloc_growing(pages: usize) -> Option<(&'static Run, bool)> {
+    debug_assert!((1..=USABLE_PAGES).contains(&pages));
+    let room = (pages * GROWING_ROOM).min(USABLE_PAGES);
+    {
+        let mut st = RUNS.lock();
+        if let Some(run) = st.take_fit(room) {
+            return Some(st.take_front(run, pages, Kind::Large));
+        }
+    }
+    alloc_run(pages, PAGE, Kind::Large)
+}
+
+/// How many times its size a free run must hold for [`alloc_growing`] to put a growing block
+/// at its front.
+pub(crate) const GROWING_ROOM: usize = 4;
 
 /// Purges the dirty runs that are due (see the module docs), if any are and the run lock is
 /// free (its holder purges on its way out). For the slow paths above this layer.
