@@ -552,8 +552,8 @@ unsafe fn realloc_big(ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 
     let key = context::charge_key();
     if let Owner::Large(r) = page_map::owner_of(ptr) {
         let (have, want) = (r.charged.get(), new_size.next_multiple_of(PAGE));
-        // `have` is more than `SMALL_MAX` (a large block) and `r.bytes()` at most
-        // `LARGE_MAX`, so the sizes are a large block's.
+        // `want <= r.bytes() <= LARGE_MAX`: the block stays a large run, whatever its
+        // layout (a grown block's is a slab size, and it stays a grown block).
         if r.tag.get() == key
             && want > have
             && want <= r.bytes()
@@ -659,8 +659,8 @@ unsafe fn resize_big(ptr: *mut u8, layout: Layout, new_size: usize, key: u32) ->
 /// Resizes slab object `ptr` of `slab`. It stays in place when the current exec
 /// beancounter owns it and the new size fits its class without leaving more than half of
 /// it unused (what it is charged does not change); otherwise it moves to a block charged to
-/// the current exec beancounter, with room to grow again if it grew (see [`grown_class`]).
-/// `key` is the thread's charge key.
+/// the current exec beancounter: a block of pages placed for growth if it grew past 4 KiB
+/// (see [`grows_to_pages`]), else the class that fits. `key` is the thread's charge key.
 ///
 /// # Safety
 /// As `GlobalAlloc::realloc`, with `ptr` an object of `slab`.
