@@ -306,7 +306,10 @@ impl Heap {
     fn free_local(&self, s: &'static Slab, p: *mut u8) {
         // SAFETY: `p` is an object of `s` in use, and this heap owns `s`.
         let used = unsafe { s.push_local(p) };
-        if used == 0 || s.place.get() == Place::Full {
+        // The current slab stays where it is, empty or not: a request that frees all it
+        // allocated empties several current slabs, which must not each cost a call.
+        let place = s.place.get();
+        if place != Place::Current && (used == 0 || place == Place::Full) {
             self.free_local_slow(s, used);
         }
     }
@@ -328,7 +331,7 @@ impl Heap {
                 bin.remove_partial(s);
                 self.retire(s);
             }
-            // An empty current slab stays: the next allocation of its class reuses it.
+            // A partial slab that still holds objects stays queued.
             _ => {}
         }
     }
