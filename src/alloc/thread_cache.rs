@@ -307,9 +307,9 @@ impl Heap {
         // SAFETY: `p` is an object of `s` in use, and this heap owns `s`.
         let used = unsafe { s.push_local(p) };
         // The current slab stays where it is, empty or not: a request that frees all it
-        // allocated empties several current slabs, which must not each cost a call.
-        let place = s.place.get();
-        if place != Place::Current && (used == 0 || place == Place::Full) {
+        // allocated empties several current slabs, which must not each cost a call. (Tested
+        // after `used`, so that a free into a slab that stays in use reads `place` once.)
+        if (used == 0 || s.place.get() == Place::Full) && s.place.get() != Place::Current {
             self.free_local_slow(s, used);
         }
     }
