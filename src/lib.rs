@@ -8,9 +8,10 @@
 //! ```text
 //! accounting (who pays)                  allocator (where bytes live)
 //! API accounting/handle.rs, api.rs: the  L4 alloc/global.rs: GlobalAlloc, BcAllocator;
-//!    public calls over A1-A3 (handle        the only module that uses both stacks
-//!    methods, lookup, stat, checkpoint,  L3 alloc/thread_cache.rs: per-thread heaps,
-//!    retire)                                bins, abandon/reclaim at thread exit
+//!    public calls over A1-A3 (handle        the only module that uses both stacks (with
+//!    methods, lookup, stat, checkpoint,     its child global/realloc.rs: `realloc`)
+//!    retire)                             L3 alloc/thread_cache.rs: per-thread heaps,
+//!                                           bins, abandon/reclaim at thread exit
 //! A3 accounting/stock.rs: a thread's     L2 alloc/slab.rs, remote.rs: one size class
 //!    stock entries, one per tenant;         per slab, owner tags, batched remote
 //!    reclaim.rs: taking them back           frees

@@ -390,9 +390,9 @@ impl SegmentHead {
     }
 
     /// Points the sized free of large block `run` (its first page) at the run's payload
-    /// space, as a slab object's is (`slab_at`), and returns that space: for a block of pages
-    /// whose layout has a slab's size (a *grown block*, see `global.rs`). By the run's owner;
-    /// `slab_at` of a page is read only by the sized free of a block on it.
+    /// space, as a slab object's is (`slab_at`), and returns that space: for a block of
+    /// pages whose layout has a slab's size (a *grown block*, see `global/realloc.rs`). By
+    /// the run's owner; `slab_at` of a page is read only by the sized free of a block on it.
     pub(crate) fn payload_for_sized_free(&self, run: &Run) -> *mut u8 {
         let first = self.page_of(run);
         let payload = core::mem::offset_of!(Segment, payload) + first * RUN_PAYLOAD;
