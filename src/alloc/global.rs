@@ -411,14 +411,20 @@ fn take_run(
     zero: bool,
 ) -> Option<(&'static run::Run, *mut u8)> {
     let (r, zeroed) = run::alloc_run(bytes / PAGE, align.max(PAGE), Kind::Large)?;
-    r.tag.set(bc);
-    r.charged.set(bytes);
-    let p = run::head_of(r as *const run::Run as *const u8).run_start(r);
+    let p = own_run(r, bc, bytes);
     if zero && !zeroed {
         // SAFETY: `p` starts a fresh run of `bytes` bytes.
         unsafe { ptr::write_bytes(p, 0, bytes) };
     }
     Some((r, p))
+}
+
+/// Records large run `r`, just taken, as a block of `bytes` bytes charged to `bc`; returns
+/// the block's start.
+fn own_run(r: &'static run::Run, bc: u32, bytes: usize) -> *mut u8 {
+    r.tag.set(bc);
+    r.charged.set(bytes);
+    run::head_of(r as *const run::Run as *const u8).run_start(r)
 }
 
 /// Uncharges block `p` of pages, tagged `tag`, being freed; forgets its sample if it has one.

@@ -8,8 +8,8 @@ use super::run::{self, LARGE_MAX};
 use super::size_class;
 use super::slab::Slab;
 use super::{
-    alloc_big, alloc_small, allocate_key, deallocate, free_small, resize_sample, sample_big,
-    uncharge,
+    alloc_big, alloc_small, allocate_key, deallocate, free_small, own_run, resize_sample,
+    sample_big, uncharge,
 };
 use crate::accounting::registry::registry;
 use crate::accounting::sampling::SAMPLED;
@@ -225,9 +225,9 @@ pub(super) const GROWN_FROM: usize = PAGE;
 
 /// A large block of `size` bytes for a block that `realloc` grows and cannot grow in place,
 /// charged to the beancounter and severity of charge key `key`, placed where it can go on
-/// growing (`run::alloc_growing`). Of a slab size, it is a grown block (see the module
-/// docs): its stand-in slab is written here. Null if the charge is refused or the OS gives
-/// no memory.
+/// growing (`run::alloc_growing`), with the stand-in slab that makes it a grown block while
+/// its layout has a slab's size (see the parent module's docs). Null if the charge is
+/// refused or the OS gives no memory.
 #[cold]
 #[inline(never)]
 fn alloc_grown(key: u32, size: usize) -> *mut u8 {
@@ -240,12 +240,10 @@ fn alloc_grown(key: u32, size: usize) -> *mut u8 {
         uncharge(bc, bytes);
         return ptr::null_mut();
     };
-    r.tag.set(bc);
-    r.charged.set(bytes);
-    let head = run::head_of(r as *const run::Run as *const u8);
-    let p = head.run_start(r);
-    // SAFETY: the payload space of `r`, a large run just taken.
-    unsafe { Slab::mark_grown(head.payload_for_sized_free(r)) };
+    let p = own_run(r, bc, bytes);
+    // SAFETY: the payload space of `r`, a large run just taken. Written whatever the size:
+    // only a free or `realloc` with a slab-sized layout reads it.
+    unsafe { Slab::mark_grown(run::head_of(p).payload_for_sized_free(r)) };
     if crate::accounting::sampling::mean() != 0 && stock::sample_direct(bytes as u64) {
         return sample_big(p);
     }
