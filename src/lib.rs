@@ -26,7 +26,10 @@
 //!    walk.rs (the hierarchy walk,
 //!    through retired records),
 //!    lifetime.rs (create, lookup,
-//!    references, reap, retire);
+//!    references, reap, retire),
+//!    hazard.rs (what guards publish
+//!    to keep a tenant without a
+//!    reference);
 //!    reference.rs: the `Beancounter`
 //!    handle type
 //! A0 accounting/beancounter.rs, types.rs:

@@ -285,6 +285,59 @@ fn slot_reuse_is_told_apart_by_generation() {
     });
 }
 
+/// A guard's hazard racing the last release of its tenant on another thread, and a third
+/// thread that creates another tenant in the one slot (it can only succeed once the first
+/// is freed, which reuses its record). While the hazard is published the record stays the
+/// same generation and keeps its id, charges reach it, and a reference can be taken from a
+/// count of zero (`current()` inside a guard); once the hazard is cleared and the handle
+/// released, the record is freed exactly once, by whichever came last.
+#[test]
+fn last_release_races_a_hazard() {
+    model("last_release_races_a_hazard", || {
+        // Capacity 2: the root and one slot.
+        let reg = Arc::new(Registry::new(2));
+        let t = reg.find_or_create(BcId(7), None).unwrap();
+        let gen0 = reg.generation_of(t);
+        let slot = reg.claim_hazards().unwrap();
+        // The guard is made from the handle before the handle goes to the other thread.
+        reg.set_hazard(slot, 0, t);
+
+        let dropper = {
+            let reg = reg.clone();
+            thread::spawn(move || reg.release(t))
+        };
+        let creator = {
+            let reg = reg.clone();
+            thread::spawn(move || match reg.find_or_create(BcId(8), None) {
+                Ok(i) => {
+                    reg.release(i);
+                    true
+                }
+                Err(BcError::TableFull) => false,
+                Err(e) => panic!("unexpected {e:?}"),
+            })
+        };
+        thread::yield_now();
+        // Inside the guard.
+        reg.charge(t, MEM, MEM_INDEX, 1, Severity::Limit).unwrap();
+        reg.uncharge(t, MEM_INDEX, 1);
+        reg.retain(t);
+        assert_eq!(reg.generation_of(t), gen0, "freed under a hazard");
+        assert_eq!(reg.id_of(t), BcId(7));
+        reg.release(t);
+        // Leaving the guard.
+        reg.clear_hazard(slot, 0);
+        dropper.join().unwrap();
+        let created = creator.join().unwrap();
+        reg.check_invariants().unwrap();
+        assert_eq!(reg.live(), 0, "the tenant leaked");
+        assert_eq!(reg.lookup(BcId(7)), None);
+        if created {
+            assert_ne!(reg.generation_of(t), gen0);
+        }
+    });
+}
+
 /// A thread's stock racing a reclaimer (the path taken before a refusal and on a limit
 /// change): whatever the interleaving, nothing is lost or counted twice (`held` equals
 /// what the owner's objects hold plus what its entry holds), the

@@ -6,13 +6,23 @@
 //! the *context* is the thread's pair of references to beancounters.
 //!
 //! Ownership: `exec`, `fork`, and every live guard's saved values each own one reference
-//! on their beancounter (the root needs none), unless they are *lent*: the futures'
-//! adapters enter their tenant around every poll with [`Beancounter::enter_lent`], which
-//! takes no reference (their own handle outlives the guard), so a switch per poll costs no
-//! atomic operation. A lent value is marked as such in the context and in the guard that
-//! saves it, and is never released. A guard swaps references in and out, so the count stays
-//! right whatever order guards are dropped in; an out-of-order drop is still a bug and
-//! panics.
+//! on their beancounter (the root needs none), unless they are *lent*:
+//! - the futures' adapters and [`Beancounter::in_scope`] enter their tenant with
+//!   [`Beancounter::enter_lent`], which takes no reference (their own handle outlives the
+//!   guard), so a switch per poll or per call costs no atomic operation;
+//! - a guard from [`Beancounter::enter`] or [`Beancounter::enter_exec`] may outlive its
+//!   handle, so it keeps its tenant alive with a *hazard* instead: it publishes the index in
+//!   the thread's hazard slot at its depth, and the registry frees no record a hazard names
+//!   (`registry/hazard.rs`). Entering is a store and leaving one atomic swap, both on a line
+//!   of this thread's own, where two references were two atomic operations on the tenant's
+//!   line, which every thread entering it shares. Guards nested deeper than
+//!   [`HAZARD_DEPTH`], and threads that find every hazard slot taken, take references.
+//!
+//! A lent value is marked as such in the context and in the guard that saves it, and is
+//! never released. A guard swaps references in and out, so the count stays right whatever
+//! order guards are dropped in; an out-of-order drop is still a bug and panics (the outer
+//! guard clears the hazards of the guards inside it, whose tenants the context no longer
+//! names).
 //!
 //! The context is a `const`-initialised thread-local of `Cell`s with no destructor, so the
 //! allocator can read `exec` on every allocation, at any point of thread teardown, without
@@ -20,8 +30,8 @@
 //! thread first holds a tenant.
 
 use super::reference::Beancounter;
-use super::registry::ROOT;
 use super::registry::{registry, Registry};
+use super::registry::{HAZARD_DEPTH, ROOT};
 use super::types::{BcId, Severity};
 use core::cell::Cell;
 use core::marker::PhantomData;
@@ -35,9 +45,19 @@ struct Context {
     /// Number of live guards, for detecting out-of-order drops.
     depth: Cell<u32>,
     /// Which of exec ([`EXEC`]) and fork ([`FORK`]) are *lent*: set by a guard of
-    /// [`Beancounter::enter_lent`], whose caller's handle holds the reference for them.
+    /// [`Beancounter::enter_lent`], whose caller's handle holds the reference for them, or
+    /// by a guard that published a hazard on them (see [`switch`]).
     lent: Cell<u8>,
+    /// This thread's hazard slot in the registry ([`UNCLAIMED`], [`NO_HAZARDS`], or the
+    /// slot).
+    hazards: Cell<u32>,
 }
+
+/// `Context::hazards` before the thread's first guard.
+const UNCLAIMED: u32 = u32::MAX;
+/// `Context::hazards` of a thread whose guards take references: every slot was taken, or
+/// the thread is exiting.
+const NO_HAZARDS: u32 = u32::MAX - 1;
 
 /// `Context::lent` bits.
 const EXEC: u8 = 1;
@@ -100,6 +120,7 @@ thread_local! {
             fork: Cell::new(ROOT),
             depth: Cell::new(0),
             lent: Cell::new(0),
+            hazards: Cell::new(UNCLAIMED),
         }
     };
     static EXIT: ExitHook = const { ExitHook };
@@ -115,15 +136,26 @@ impl Drop for ExitHook {
             let lent = c.lent.replace(0);
             release_owned(reg, c.replace_exec(ROOT), lent & EXEC == 0);
             release_owned(reg, c.fork.replace(ROOT), lent & FORK == 0);
+            // The slot goes back for another thread, unless a guard is still alive (kept
+            // in another thread-local, dropped later): then its hazards stay, and so does
+            // the slot, for good.
+            let slot = c.hazards.get();
+            if c.depth.get() == 0 || slot == UNCLAIMED {
+                c.hazards.set(NO_HAZARDS);
+                if slot < NO_HAZARDS {
+                    reg.release_hazards(slot);
+                }
+            }
         });
     }
 }
 
-/// Makes sure the context's references are released at thread exit. During teardown,
-/// after this thread's hook already ran, there is nothing left to arm: a beancounter adopted
-/// from a later thread-local destructor keeps one reference until the process ends.
-fn arm_exit_hook() {
-    let _ = EXIT.try_with(|_| {});
+/// Makes sure the context's references are released at thread exit; false during
+/// teardown, after this thread's hook already ran: there is nothing left to arm, and a
+/// beancounter adopted from a later thread-local destructor keeps one reference until the
+/// process ends.
+fn arm_exit_hook() -> bool {
+    EXIT.try_with(|_| {}).is_ok()
 }
 
 /// Releases the reference `index` holds in the context or a guard, unless it was lent.
@@ -206,6 +238,8 @@ pub struct ExecGuard {
     prev_fork: Option<u32>,
     /// Which of the saved values were lent (`Context::lent` bits).
     prev_lent: u8,
+    /// Whether this guard published a hazard at its depth instead of taking references.
+    hazard: bool,
     depth: u32,
     _not_send: PhantomData<*const ()>,
 }
@@ -223,6 +257,10 @@ impl Drop for ExecGuard {
                 c.replace_exec(self.prev_exec);
                 c.fork.set(fork);
                 c.lent.set(self.prev_lent);
+                if self.hazard {
+                    // After the context stopped naming it.
+                    registry().clear_hazard(c.hazards.get(), self.depth as usize - 1);
+                }
                 return;
             }
         }
@@ -272,6 +310,15 @@ impl ExecGuard {
                         release_owned(reg, exec, owned.0);
                     }
                 }
+                // This guard's hazard, and those of the guards inside it, which are stale
+                // now: the context names none of what they entered.
+                let slot = c.hazards.get();
+                if slot < NO_HAZARDS {
+                    let inner = (depth as usize).min(HAZARD_DEPTH);
+                    for level in self.depth as usize - 1..inner {
+                        reg.clear_hazard(slot, level);
+                    }
+                }
                 self.depth == depth
             })
             .unwrap_or(true);
@@ -301,11 +348,17 @@ fn context() -> &'static Context {
     unsafe { &*c }
 }
 
-/// Enters slot `index` as exec (and fork, if `with_fork`). Unless `lent`, exec and fork
-/// each take a reference, both in one atomic operation; a lent switch takes none.
+/// Enters slot `index` as exec (and fork, if `with_fork`). A lent switch takes no
+/// reference. Any other publishes a hazard on `index` in the thread's hazard slot, at its
+/// depth (a store to a line of this thread's own), and the context treats exec and fork as
+/// lent; failing that (no slot, or nested deeper than [`HAZARD_DEPTH`]), exec and fork each
+/// take a reference, both in one atomic operation.
 #[inline]
 fn switch(index: u32, with_fork: bool, lent: bool) -> ExecGuard {
     let c = context();
+    let depth = c.depth.get() + 1;
+    let hazard = !lent && publish_hazard(c, depth, index);
+    let lent = lent || hazard;
     if !lent {
         // The context will own references: they go back at thread exit, if not before.
         // (A lent switch gives the context none; `adopt` inside it arms the hook itself.)
@@ -321,15 +374,46 @@ fn switch(index: u32, with_fork: bool, lent: bool) -> ExecGuard {
     } else {
         prev_lent & !now
     });
-    let depth = c.depth.get() + 1;
     c.depth.set(depth);
     ExecGuard {
         prev_exec,
         prev_fork,
         prev_lent,
+        hazard,
         depth,
         _not_send: PhantomData,
     }
+}
+
+/// Publishes a hazard on `index` for a guard at `depth` (1 for the outermost), claiming
+/// the thread's slot at its first guard; false if the guard must take references instead.
+#[inline]
+fn publish_hazard(c: &Context, depth: u32, index: u32) -> bool {
+    if depth as usize > HAZARD_DEPTH {
+        return false;
+    }
+    let mut slot = c.hazards.get();
+    if slot == UNCLAIMED {
+        slot = claim_hazards(c);
+    }
+    if slot == NO_HAZARDS {
+        return false;
+    }
+    registry().set_hazard(slot, depth as usize - 1, index);
+    true
+}
+
+/// The thread's first guard: claims a hazard slot, given back at thread exit.
+#[cold]
+#[inline(never)]
+fn claim_hazards(c: &Context) -> u32 {
+    let slot = if arm_exit_hook() {
+        registry().claim_hazards().unwrap_or(NO_HAZARDS)
+    } else {
+        NO_HAZARDS
+    };
+    c.hazards.set(slot);
+    slot
 }
 
 impl Beancounter {
@@ -355,13 +439,13 @@ impl Beancounter {
     /// guard from [`enter`](Self::enter) held through `f` would, and restores both after
     /// `f` returns or unwinds.
     ///
-    /// Cheaper than a guard where a thread switches tenant often (a request handler, one
-    /// tenant per request): the handle this is called on outlives the call, so the thread
-    /// borrows its reference instead of taking its own, and entering and leaving touch no
-    /// counter shared with other threads. A guard from `enter` takes a reference and gives it
-    /// back (two atomic read-modify-writes on a cache line every thread entering that tenant
-    /// shares), because it may outlive the handle it came from. Inside `f`, guards, `adopt`,
-    /// spawns and futures work as they do inside a guard.
+    /// A little cheaper than a guard where a thread switches tenant often (a request
+    /// handler, one tenant per request): the handle this is called on outlives the call, so
+    /// the thread borrows its reference, and entering and leaving are a few thread-local
+    /// stores. A guard from `enter` may outlive the handle it came from, so it also publishes
+    /// a hazard that keeps the tenant alive (a store, and an atomic swap when it drops, on a
+    /// line of the thread's own). Inside `f`, guards, `adopt`, spawns and futures work as
+    /// they do inside a guard.
     ///
     /// # Examples
     /// ```
@@ -526,7 +610,11 @@ mod tests {
             );
             {
                 let _h = u.enter();
-                assert_eq!(reg.refs_of(u.index()), u0 + 2);
+                assert_eq!(
+                    reg.refs_of(u.index()),
+                    u0,
+                    "a guard publishes a hazard instead"
+                );
             }
             assert_eq!(reg.refs_of(u.index()), u0);
             {
@@ -591,6 +679,128 @@ mod tests {
             "the guard's references were not given back"
         );
         assert_eq!((exec_index(), context().fork.get()), (ROOT, ROOT));
+    }
+
+    fn hazard_slot() -> u32 {
+        context().hazards.get()
+    }
+
+    /// A guard from `enter` takes no reference: it publishes its tenant at its depth, and
+    /// that keeps the tenant alive after its last handle is gone, until the guard drops.
+    #[test]
+    fn a_guard_keeps_its_tenant_alive_without_a_reference() {
+        let reg = registry();
+        let t = tenant(9108);
+        let index = t.index();
+        let t0 = reg.refs_of(index);
+        let g = t.enter();
+        assert_eq!(reg.refs_of(index), t0, "entering took a reference");
+        assert_eq!(reg.hazard_at(hazard_slot(), 0), index);
+        drop(t); // the last handle
+        assert_eq!(reg.refs_of(index), 0);
+        assert_eq!(current_id(), BcId(9108), "freed under the guard");
+        let again = crate::lookup(BcId(9108)).expect("the id was unmapped under the guard");
+        assert_eq!(again.index(), index);
+        drop(again);
+        drop(g);
+        assert_eq!(reg.hazard_at(hazard_slot(), 0), 0, "the hazard stayed");
+        assert!(
+            crate::lookup(BcId(9108)).is_none(),
+            "the tenant outlived its last guard and handle"
+        );
+    }
+
+    /// Guards nested deeper than the hazard slot has depths take references, and give them
+    /// back; the shallower ones publish hazards.
+    #[test]
+    fn guards_past_the_hazard_depth_take_references() {
+        let reg = registry();
+        let t = tenant(9109);
+        let t0 = reg.refs_of(t.index());
+        let mut guards = Vec::new();
+        for depth in 1..=HAZARD_DEPTH + 2 {
+            guards.push(t.enter());
+            let extra = 2 * depth.saturating_sub(HAZARD_DEPTH) as u64;
+            assert_eq!(reg.refs_of(t.index()), t0 + extra, "at depth {depth}");
+        }
+        while let Some(g) = guards.pop() {
+            drop(g);
+        }
+        assert_eq!(reg.refs_of(t.index()), t0);
+        for level in 0..HAZARD_DEPTH {
+            assert_eq!(reg.hazard_at(hazard_slot(), level), 0);
+        }
+    }
+
+    /// Dropping an outer guard first clears the hazards of the guards inside it, which
+    /// name nothing the context uses any more; a stale guard, dropped later, leaves the
+    /// hazard of a newer guard alone.
+    #[test]
+    fn an_out_of_order_drop_clears_stale_hazards() {
+        let reg = registry();
+        let (t, u, v) = (tenant(9110), tenant(9111), tenant(9112));
+        let drop_reported = |g: ExecGuard| {
+            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| drop(g))).is_err()
+        };
+        let outer = t.enter();
+        let inner = u.enter();
+        assert_eq!(reg.hazard_at(hazard_slot(), 1), u.index());
+        assert!(drop_reported(outer));
+        assert_eq!(exec_index(), ROOT);
+        assert_eq!(reg.hazard_at(hazard_slot(), 0), 0);
+        assert_eq!(reg.hazard_at(hazard_slot(), 1), 0, "a stale hazard stayed");
+        let a = v.enter();
+        assert!(drop_reported(inner));
+        assert_eq!(
+            reg.hazard_at(hazard_slot(), 0),
+            v.index(),
+            "a newer hazard was cleared"
+        );
+        assert_eq!(exec_index(), v.index());
+        drop(a);
+        assert_eq!(exec_index(), ROOT);
+        assert_eq!(reg.hazard_at(hazard_slot(), 0), 0);
+    }
+
+    /// More threads in guards at once than there are hazard slots: the threads past them
+    /// take references, and every thread gives its slot or its references back when it
+    /// exits.
+    #[test]
+    fn threads_past_the_hazard_slots_take_references() {
+        use crate::accounting::registry::HAZARD_THREADS;
+        let reg = registry();
+        let t = tenant(9113);
+        let t0 = reg.refs_of(t.index());
+        let threads = HAZARD_THREADS + 40;
+        let inside = std::sync::Barrier::new(threads + 1);
+        let leave = std::sync::Barrier::new(threads + 1);
+        std::thread::scope(|s| {
+            for _ in 0..threads {
+                s.spawn(|| {
+                    let _g = t.enter();
+                    assert_eq!(exec_index(), t.index());
+                    inside.wait();
+                    leave.wait();
+                });
+            }
+            inside.wait();
+            // At least the threads past the slots took two references each (other tests'
+            // threads may hold slots too).
+            assert!(reg.refs_of(t.index()) >= t0 + 2 * 40);
+            leave.wait();
+        });
+        assert_eq!(reg.refs_of(t.index()), t0);
+        // Every slot came back: this many threads can claim one again.
+        let claimed: Vec<u32> = std::thread::scope(|s| {
+            let hs: Vec<_> = (0..HAZARD_THREADS / 2)
+                .map(|_| s.spawn(|| reg.claim_hazards()))
+                .collect();
+            hs.into_iter().filter_map(|h| h.join().unwrap()).collect()
+        });
+        assert_eq!(claimed.len(), HAZARD_THREADS / 2);
+        for slot in claimed {
+            reg.release_hazards(slot);
+        }
     }
 
     #[test]

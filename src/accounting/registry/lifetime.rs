@@ -140,6 +140,15 @@ impl Registry {
         self.free_if_unused(index, gen);
     }
 
+    /// Frees `index` if its last reference was released (a release that found a hazard on
+    /// it left it to the hazard's thread, which calls this when it leaves).
+    pub(super) fn free_if_released(&self, index: u32) {
+        let state = self.record(index).state.load(Ordering::SeqCst);
+        if state & LIVE != 0 && refs(state) == 0 {
+            self.free_if_unused(index, generation(state));
+        }
+    }
+
     /// Frees `index` (generation `gen`) if nothing refers to it and nothing is charged
     /// through it any more.
     pub(super) fn free_if_unused(&self, index: u32, gen: u32) {
@@ -158,16 +167,24 @@ impl Registry {
                 // Revived by a lookup, or already freed and reused (the generation moved on).
                 return;
             }
-            if state & RETIRED != 0 {
+            let retired = state & RETIRED != 0;
+            if retired {
                 if rec.left.load(Ordering::SeqCst) != 0 {
                     return; // leftovers still charged through it
                 }
+            } else if !self
+                .slot_at(rec.slot.load(Ordering::Relaxed))
+                .nothing_held()
+            {
+                return; // a zombie, for `reap`
+            }
+            if self.hazard_held(index) {
+                return; // a guard is still in it; its thread frees it when it leaves
+            }
+            if retired {
                 inner.retired -= 1;
             } else {
                 let slot = rec.slot.load(Ordering::Relaxed);
-                if !self.slot_at(slot).nothing_held() {
-                    return; // a zombie, for `reap`
-                }
                 inner.ids.remove(rec.id.load(Ordering::Relaxed));
                 self.free_slot(inner, slot);
                 inner.live -= 1;

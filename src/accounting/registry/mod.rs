@@ -23,6 +23,11 @@
 //! zero while something is still charged stays (a *zombie*: `find_or_create` of its id
 //! revives it) and is freed by [`Registry::reap`] once everything is uncharged.
 //!
+//! # Hazards (`hazard.rs`)
+//! A thread inside a guard keeps its tenant alive without a reference: the guard publishes
+//! the index in the thread's hazard slot, and a free that finds a hazard on its record
+//! leaves it for the hazard's thread to finish when it leaves.
+//!
 //! # Retirement (`lifetime.rs`, `walk.rs`)
 //! [`Registry::retire`] takes a beancounter out of the id map at once (its id can be created
 //! again, fresh, right away) and gives its slot back; its record stays, marked RETIRED, for
@@ -43,9 +48,16 @@
 //!   parent's `children` counts them;
 //! - at rest, for every resource, `parent.held >= Σ live children's held`.
 
+mod hazard;
 mod lifetime;
 mod table;
 mod walk;
+
+use hazard::Hazards;
+#[cfg(not(beancounter_loom))]
+pub(crate) use hazard::HAZARD_DEPTH;
+#[cfg(test)]
+pub(crate) use hazard::HAZARD_THREADS;
 
 use super::beancounter::ResourceCounter;
 use super::types::{BcError, BcId, Limits, Resource, ResourceStat};
@@ -122,6 +134,8 @@ pub(crate) struct Registry {
     root: Record,
     root_slot: Slot,
     records: Records,
+    /// What guards publish instead of taking references (see `hazard.rs`).
+    hazards: Hazards,
     /// The slot table, readable without the lock for the charge path.
     slots: AtomicPtr<Slot>,
     /// Number of custom resources registered (they are numbered densely).
@@ -139,6 +153,7 @@ impl Registry {
                 root: Record::root(),
                 root_slot: Slot::root(),
                 records: Records::new(),
+                hazards: Hazards::new(),
                 slots: AtomicPtr::new(core::ptr::null_mut()),
                 customs: AtomicU32::new(0),
                 inner: Mutex::new(Inner {

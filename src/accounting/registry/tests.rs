@@ -84,3 +84,72 @@ fn children_keep_parents_and_free_up_the_chain() {
     assert_eq!(reg.live(), 0);
     reg.check_invariants().unwrap();
 }
+
+/// A hazard keeps a record whose last reference is released; leaving the hazard frees it,
+/// and a reference taken meanwhile (as `current()` inside a guard does) keeps it longer.
+#[test]
+fn a_hazard_defers_the_free_to_its_thread() {
+    let reg = Registry::new(8);
+    let slot = reg.claim_hazards().expect("a hazard slot");
+    let t = reg.find_or_create(BcId(1), None).unwrap();
+    reg.set_hazard(slot, 0, t);
+    reg.release(t);
+    assert_eq!(reg.live(), 1, "freed under a hazard");
+    assert_eq!(reg.id_of(t), BcId(1));
+    assert_eq!(reg.hazard_at(slot, 0) & !(1 << 31), t);
+    assert_ne!(
+        reg.hazard_at(slot, 0),
+        t,
+        "the release did not mark the hazard deferred"
+    );
+    // A reference taken under the hazard, from a count of zero.
+    reg.retain(t);
+    reg.clear_hazard(slot, 0);
+    assert_eq!(reg.live(), 1, "freed with a reference");
+    assert_eq!(reg.hazard_at(slot, 0), 0);
+    reg.release(t);
+    assert_eq!(
+        reg.live(),
+        0,
+        "not freed by the last release after the hazard left"
+    );
+
+    // A hazard the release never saw: the release frees, and leaving does nothing more.
+    let u = reg.find_or_create(BcId(2), None).unwrap();
+    reg.set_hazard(slot, 1, u);
+    reg.clear_hazard(slot, 1);
+    reg.release(u);
+    assert_eq!(reg.live(), 0);
+
+    // A hazard on a zombie is not marked: its free is `reap`'s, once it is uncharged.
+    let z = reg.find_or_create(BcId(3), None).unwrap();
+    reg.charge(z, Resource::Memory, 0, 5, Severity::Limit)
+        .unwrap();
+    reg.set_hazard(slot, 0, z);
+    reg.release(z);
+    assert_eq!(reg.hazard_at(slot, 0), z, "a zombie's hazard was marked");
+    reg.clear_hazard(slot, 0);
+    reg.uncharge(z, 0, 5);
+    assert_eq!(reg.reap(), 1);
+
+    // A slot given back clears what it holds and can be claimed again.
+    let v = reg.find_or_create(BcId(4), None).unwrap();
+    reg.set_hazard(slot, 2, v);
+    reg.release(v);
+    assert_eq!(reg.live(), 1);
+    reg.release_hazards(slot);
+    assert_eq!(reg.live(), 0, "a released slot's deferred free was lost");
+    assert_eq!(reg.claim_hazards(), Some(slot));
+    reg.check_invariants().unwrap();
+}
+
+/// Slots are claimed once each until given back.
+#[test]
+fn hazard_slots_are_claimed_once() {
+    let reg = Registry::new(4);
+    let a = reg.claim_hazards().unwrap();
+    let b = reg.claim_hazards().unwrap();
+    assert_ne!(a, b);
+    reg.release_hazards(a);
+    assert_eq!(reg.claim_hazards(), Some(a));
+}
