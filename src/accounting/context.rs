@@ -247,6 +247,22 @@ pub struct ExecGuard {
 impl Drop for ExecGuard {
     #[inline]
     fn drop(&mut self) {
+        self.leave_in_place();
+    }
+}
+
+impl ExecGuard {
+    /// Leaves the scope where the guard's owner knows it ends (`in_scope` after its
+    /// closure returns): the same as dropping it, but inline in the caller, where a drop
+    /// that unwinding may also run is an out-of-line call.
+    #[inline(always)]
+    fn leave(mut self) {
+        self.leave_in_place();
+        core::mem::forget(self);
+    }
+
+    #[inline(always)]
+    fn leave_in_place(&mut self) {
         if let Some(fork) = self.prev_fork {
             let c = context();
             if c.depth.get() == self.depth && c.lent.get() == EXEC | FORK {
@@ -266,9 +282,7 @@ impl Drop for ExecGuard {
         }
         self.restore();
     }
-}
 
-impl ExecGuard {
     /// Every other drop: references to give back (a guard from `enter`), or guards dropped
     /// out of order.
     #[inline(never)]
@@ -353,7 +367,7 @@ fn context() -> &'static Context {
 /// depth (a store to a line of this thread's own), and the context treats exec and fork as
 /// lent; failing that (no slot, or nested deeper than [`HAZARD_DEPTH`]), exec and fork each
 /// take a reference, both in one atomic operation.
-#[inline]
+#[inline(always)]
 fn switch(index: u32, with_fork: bool, lent: bool) -> ExecGuard {
     let c = context();
     let depth = c.depth.get() + 1;
@@ -431,6 +445,7 @@ impl Beancounter {
     /// }
     /// assert_eq!(beancounter::current_id(), BcId::ROOT);
     /// ```
+    #[inline]
     pub fn enter(&self) -> ExecGuard {
         switch(self.index(), true, false)
     }
@@ -458,9 +473,12 @@ impl Beancounter {
     /// assert_eq!(len, 1000);
     /// assert_eq!(beancounter::current_id(), BcId::ROOT);
     /// ```
+    #[inline]
     pub fn in_scope<R>(&self, f: impl FnOnce() -> R) -> R {
-        let _scope = self.enter_lent();
-        f()
+        let scope = self.enter_lent();
+        let r = f();
+        scope.leave();
+        r
     }
 
     /// [`enter`](Self::enter) for a caller whose handle outlives the guard (the futures'
@@ -485,6 +503,7 @@ impl Beancounter {
     /// let child = beancounter::thread::spawn(beancounter::current_id).unwrap();
     /// assert_eq!(child.join().unwrap(), BcId::ROOT);
     /// ```
+    #[inline]
     pub fn enter_exec(&self) -> ExecGuard {
         switch(self.index(), false, false)
     }
