@@ -326,7 +326,7 @@ fn last_release_races_a_hazard() {
         assert_eq!(reg.id_of(t), BcId(7));
         reg.release(t);
         // Leaving the guard.
-        reg.clear_hazard(slot, 0);
+        reg.leave_hazard(slot, 0);
         dropper.join().unwrap();
         let created = creator.join().unwrap();
         reg.check_invariants().unwrap();

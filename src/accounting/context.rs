@@ -275,7 +275,7 @@ impl ExecGuard {
                 c.lent.set(self.prev_lent);
                 if self.hazard {
                     // After the context stopped naming it.
-                    registry().clear_hazard(c.hazards.get(), self.depth as usize - 1);
+                    registry().leave_hazard(c.hazards.get(), self.depth as usize - 1);
                 }
                 return;
             }
@@ -371,7 +371,8 @@ fn context() -> &'static Context {
 fn switch(index: u32, with_fork: bool, lent: bool) -> ExecGuard {
     let c = context();
     let depth = c.depth.get() + 1;
-    let hazard = !lent && publish_hazard(c, depth, index);
+    // The root is never freed: it needs neither a reference nor a hazard.
+    let hazard = !lent && index != ROOT && publish_hazard(c, depth, index);
     let lent = lent || hazard;
     if !lent {
         // The context will own references: they go back at thread exit, if not before.

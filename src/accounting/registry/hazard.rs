@@ -153,23 +153,28 @@ impl Registry {
     }
 
     /// Publishes that this thread's guard at `depth` (below [`HAZARD_DEPTH`]) entered
-    /// `index`, which the caller references (through the handle it enters).
+    /// `index` (not the root), which the caller references (through the handle it enters).
     #[inline]
     pub(crate) fn set_hazard(&self, slot: u32, depth: usize, index: u32) {
-        if index != ROOT {
-            self.hazards.slots[slot as usize].at[depth].store(index, Ordering::Release);
+        debug_assert_ne!(index, ROOT);
+        self.hazards.slots[slot as usize].at[depth].store(index, Ordering::Release);
+    }
+
+    /// Takes back the hazard at `depth`, if there is one (see [`leave_hazard`]).
+    ///
+    /// [`leave_hazard`]: Self::leave_hazard
+    pub(crate) fn clear_hazard(&self, slot: u32, depth: usize) {
+        if self.hazards.slots[slot as usize].at[depth].load(Ordering::Relaxed) != EMPTY {
+            self.leave_hazard(slot, depth);
         }
     }
 
-    /// Takes back the hazard at `depth`: the thread no longer uses what it named. If a
-    /// release found it meanwhile, frees that record now (if nothing took it back since).
+    /// Takes back the hazard this thread's guard set at `depth`: the thread no longer uses
+    /// what it named. If a release found it meanwhile, frees that record now (if nothing
+    /// took it back since).
     #[inline]
-    pub(crate) fn clear_hazard(&self, slot: u32, depth: usize) {
-        let at = &self.hazards.slots[slot as usize].at[depth];
-        if at.load(Ordering::Relaxed) == EMPTY {
-            return;
-        }
-        let v = at.swap(EMPTY, Ordering::AcqRel);
+    pub(crate) fn leave_hazard(&self, slot: u32, depth: usize) {
+        let v = self.hazards.slots[slot as usize].at[depth].swap(EMPTY, Ordering::AcqRel);
         if v & DEFERRED != 0 {
             self.free_deferred(v & !DEFERRED);
         }

@@ -56,7 +56,7 @@ mod walk;
 use hazard::Hazards;
 #[cfg(not(beancounter_loom))]
 pub(crate) use hazard::HAZARD_DEPTH;
-#[cfg(test)]
+#[cfg(all(test, not(beancounter_loom)))]
 pub(crate) use hazard::HAZARD_THREADS;
 
 use super::beancounter::ResourceCounter;
