@@ -221,7 +221,7 @@ pub fn default_limits(r: Resource) -> Result<Limits, BcError> {
 }
 
 /// Names a custom counted resource and returns it; registering a name again returns the
-/// same resource. At most [`MAX_CUSTOM_RESOURCES`](crate::MAX_CUSTOM_RESOURCES).
+/// same resource. At most [`MAX_CUSTOM_RESOURCES`].
 ///
 /// # Errors
 /// [`BcError::TooManyResources`] when all are taken, [`BcError::InvalidName`] for a name

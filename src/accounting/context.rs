@@ -584,7 +584,7 @@ pub fn fallible<R>(f: impl FnOnce() -> R) -> R {
 /// Runs `f` with its allocations never refused by a beancounter bound (they are still
 /// counted, and each one that leaves `held` above the limit is counted in
 /// [`Events::forced_past_limit`](crate::Events::forced_past_limit); only a charge that would
-/// take `held` past [`MAX`](crate::MAX) is refused, as for [`Severity::Force`](crate::Severity::Force)): for host code that must not fail, such as
+/// take `held` past [`MAX`](crate::MAX) is refused, as for [`Severity::Force`]): for host code that must not fail, such as
 /// cleanup on behalf of a tenant that is over its limit.
 ///
 /// # Examples

@@ -134,7 +134,7 @@ const SIGNS: u64 = 1 << 63 | 1 << 31;
 
 /// What `back` is stored plus: each half biased so that its sign bit is set exactly when
 /// the half passes its trim point (`STOCK_BYTES`, `STOCK_OBJECTS`). A free adds its
-/// [`unit`] and tests [`SIGNS`]: one add, one test, for both bounds.
+/// [`unit()`] and tests [`SIGNS`]: one add, one test, for both bounds.
 const BACK_BIAS: u64 = pack((1 << 31) - 1 - STOCK_BYTES, (1 << 31) - 1 - STOCK_OBJECTS);
 
 /// What one thread holds of one beancounter: charged, not in use.
@@ -144,7 +144,7 @@ const BACK_BIAS: u64 = pack((1 << 31) - 1 - STOCK_BYTES, (1 << 31) - 1 - STOCK_O
 /// and objects, so that the fast paths take or give one object with one subtraction or
 /// addition and one test ([`SIGNS`]):
 /// - `take` holds at most one batch, `pack(bytes, objs)`; an allocation subtracts its
-///   [`unit`], and either half going negative (a borrow out of the byte half takes the
+///   [`unit()`], and either half going negative (a borrow out of the byte half takes the
 ///   object half down too) refuses it.
 /// - `back` holds `pack(bytes, objs) + BACK_BIAS`; a free adds its unit, and either half
 ///   passing its trim point asks for a trim.

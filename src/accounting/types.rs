@@ -374,7 +374,7 @@ pub enum BcError {
     },
     /// The id cannot be used here (the root's id 0 as a child).
     InvalidId(BcId),
-    /// A child would be nested deeper than [`MAX_DEPTH`](MAX_DEPTH) levels.
+    /// A child would be nested deeper than [`MAX_DEPTH`] levels.
     TooDeep,
     /// The OS refused memory for the beancounter table.
     OutOfMemory,

@@ -19,7 +19,7 @@ fn enter_for_spawn(fork: &Beancounter) -> Option<ExecGuard> {
     (context::exec_index() != fork.index()).then(|| fork.enter_lent())
 }
 
-/// Spawns `future` on the current tokio runtime, like [`tokio::spawn`](::tokio::spawn), in the
+/// Spawns `future` on the current tokio runtime, like [`tokio::spawn`], in the
 /// spawning context's fork beancounter: every poll of the task, and its drop, run inside that
 /// beancounter (as exec and fork), whichever worker thread polls it. What the task allocates
 /// is charged there, and tasks it spawns with this function start there too.
@@ -66,7 +66,7 @@ where
 }
 
 /// Runs `f` on tokio's blocking thread pool, like
-/// [`tokio::task::spawn_blocking`](::tokio::task::spawn_blocking), entered into the spawning
+/// [`tokio::task::spawn_blocking`], entered into the spawning
 /// context's fork beancounter (as exec and fork) for as long as it runs: what it allocates is
 /// charged there, and threads or tasks it spawns through this crate start there.
 ///

@@ -6,7 +6,7 @@
 //! jemalloc, tcmalloc and Go sample. A sampled block stands for `1 / p` blocks and `n / p`
 //! bytes: summed per call stack, that is an unbiased estimate of the live objects and bytes
 //! each stack allocated. A sample lives until its block is freed, whichever thread frees it,
-//! and belongs to the tenant the block is charged to (the one [`Beancounter::stat`]
+//! and belongs to the tenant the block is charged to (the one [`Beancounter::stat`](crate::Beancounter::stat)
 //! counts it in), whatever thread allocated it.
 //!
 //! # Cost
